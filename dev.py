@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Set-up and the two everyday commands, needing nothing but Python 3.10+ and pip.
+
+    python3 dev.py demo    # create .venv, install modeconn, run the default job on the embedded digits data
+    python3 dev.py test    # create .venv, install modeconn with test extras, run the test suite
+
+Extra arguments are passed on: ``python3 dev.py demo path=[linear,bezier]``, ``python3 dev.py test -k units``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("MODECONN_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".modeconn-installed"
+
+
+def ensure_env() -> None:
+    """Create the virtualenv and install the package (editable, with test extras) when out of date."""
+    if not (BIN / "python").exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if not STAMP.exists() or STAMP.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
+        print("dev.py: installing modeconn and its dependencies (PyTorch takes a few minutes the first time)", flush=True)
+        subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"], check=True)
+        STAMP.touch()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test", "setup"):
+        print(__doc__)
+        return 2
+    ensure_env()
+    command, rest = argv[0], argv[1:]
+    if command == "setup":
+        return 0
+    if command == "demo":
+        return subprocess.call([str(BIN / "modeconn"), *rest], cwd=ROOT)
+    return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,279 @@
+"""Checkpoint files: atomic writes, a state dict plus a JSON sidecar, architecture fingerprints.
+
+A checkpoint is two files:
+
+* ``path`` (e.g. ``model.pt``): ``torch.save`` of the state dict, every tensor on the CPU;
+* ``path.with_suffix(".json")`` (e.g. ``model.json``): the caller's ``meta`` plus ``"fingerprint"``.
+
+Both are written atomically (temporary file in the same folder, fsync, ``os.replace``), the weights
+first and the sidecar last, so a sidecar on disk always describes complete weights next to it.
+
+A *fingerprint* describes an architecture by the shapes of its state dict (parameters *and* buffers,
+BatchNorm's ``num_batches_tracked`` included): ``{"digest": <16 hex chars>, "shapes": {key: [..]}}``.
+Restrict it with ``keys=`` or ``parameters_only=True`` for parameter-only comparisons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointMismatchError",
+    "fingerprint",
+    "describe_mismatch",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "sidecar_path",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_meta",
+]
+
+_DIGEST_CHARS = 16
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's state dict does not fit the model it is meant for."""
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint(
+    model_or_state: nn.Module | Mapping[str, Any],
+    keys: Iterable[str] | None = None,
+    parameters_only: bool = False,
+) -> dict:
+    """The architecture as ``{"digest": str, "shapes": {state-dict key: [sizes]}}``.
+
+    ``model_or_state`` is an ``nn.Module`` (its ``state_dict()``: parameters and persistent buffers,
+    ``num_batches_tracked`` too), a state dict, or an existing fingerprint (returned re-digested).
+    ``keys`` restricts it to those state-dict keys (absent ones are skipped); ``parameters_only``
+    (modules only) restricts it to ``model.named_parameters()``. The digest is a short sha256 over the
+    sorted ``key: shape`` pairs, so it does not depend on key order.
+    """
+    if isinstance(model_or_state, nn.Module):
+        state = model_or_state.state_dict()
+        if parameters_only:
+            names = {n for n, _ in model_or_state.named_parameters()}
+            state = {k: v for k, v in state.items() if k in names}
+        shapes = {k: list(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+    elif isinstance(model_or_state, Mapping):
+        if parameters_only:
+            raise TypeError("fingerprint(parameters_only=True) needs an nn.Module; pass keys= for a state dict")
+        if _is_fingerprint(model_or_state):
+            shapes = {k: [int(s) for s in v] for k, v in model_or_state["shapes"].items()}
+        else:
+            shapes = {k: list(v.shape) for k, v in model_or_state.items() if torch.is_tensor(v)}
+    else:
+        raise TypeError(f"fingerprint expects an nn.Module or a state dict, got {type(model_or_state).__name__}")
+    if keys is not None:
+        wanted = set(keys)
+        shapes = {k: v for k, v in shapes.items() if k in wanted}
+    return {"digest": _digest(shapes), "shapes": shapes}
+
+
+def _is_fingerprint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and isinstance(obj.get("shapes"), Mapping) and "digest" in obj
+
+
+def _digest(shapes: Mapping[str, list[int]]) -> str:
+    text = json.dumps({k: list(shapes[k]) for k in sorted(shapes)}, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:_DIGEST_CHARS]
+
+
+def _shapes_of(fp: Any) -> dict[str, list[int]]:
+    if _is_fingerprint(fp):
+        return {k: list(v) for k, v in fp["shapes"].items()}
+    if isinstance(fp, (nn.Module, Mapping)):
+        return fingerprint(fp)["shapes"]
+    raise TypeError(f"expected a fingerprint, a state dict or a module, got {type(fp).__name__}")
+
+
+def describe_mismatch(expected_fp: Any, got_fp: Any, limit: int = 5) -> str:
+    """A human-readable difference between two fingerprints; ``""`` when they match.
+
+    ``expected_fp`` is what the model wants, ``got_fp`` what the checkpoint holds (fingerprints, or
+    anything ``fingerprint`` accepts). Lists the first ``limit`` missing keys, unexpected keys and
+    shape differences, with counts.
+    """
+    exp, got = _shapes_of(expected_fp), _shapes_of(got_fp)
+    missing = [k for k in exp if k not in got]
+    unexpected = [k for k in got if k not in exp]
+    differing = [k for k in exp if k in got and list(exp[k]) != list(got[k])]
+
+    def more(items: list) -> str:
+        return f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:limit]) + more(missing))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:limit]) + more(unexpected))
+    if differing:
+        shown = [f"{k} expected {list(exp[k])}, got {list(got[k])}" for k in differing[:limit]]
+        parts.append(f"{len(differing)} shape difference(s): " + "; ".join(shown) + more(differing))
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if torch.is_tensor(obj):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, torch.dtype) or isinstance(obj, torch.device):
+        return str(obj)
+    for attr in ("item", "tolist"):  # numpy scalars and arrays
+        if hasattr(obj, attr):
+            try:
+                return getattr(obj, attr)()
+            except (TypeError, ValueError):
+                pass
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        return list(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically. Paths, tensors, numpy values, dataclasses and
+    mappings (e.g. OmegaConf containers) are converted."""
+    text = json.dumps(obj, indent=2, default=_json_default)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of checkpoint ``path``: ``path.with_suffix(".json")``."""
+    return Path(path).with_suffix(".json")
+
+
+def _cpu_state(state_dict: Mapping[str, Any]) -> dict:
+    out = {}
+    for k, v in state_dict.items():
+        out[k] = v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``state_dict`` (tensors moved to the CPU) to ``path`` and ``meta`` plus ``"fingerprint"``
+    to its sidecar ``path.with_suffix(".json")``, both atomically, weights first. Returns ``path``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        raise ValueError(f"checkpoint path {path} must not end in .json (that is the sidecar's name)")
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    state = _cpu_state(state_dict)
+    sidecar = dict(meta or {})
+    sidecar["fingerprint"] = fingerprint(state)
+    atomic_torch_save(state, path)
+    atomic_write_json(sidecar_path(path), sidecar)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """The sidecar of checkpoint ``path`` as a dict, or ``None`` when there is none."""
+    side = sidecar_path(path)
+    try:
+        text = side.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint sidecar {side} is not valid JSON: {e}") from e
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    map_location: Any = "cpu",
+) -> tuple[dict, dict]:
+    """Read checkpoint ``path``: ``(state_dict, meta)`` (``meta`` is ``{}`` without a sidecar).
+
+    Loads with ``torch.load(weights_only=True)``. With ``model``, the checkpoint's fingerprint is
+    compared to the model's (parameters and buffers) and ``CheckpointMismatchError`` names the
+    differences; the state is *not* loaded into the model (call ``model.load_state_dict``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt or non-weights file
+        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint {path} does not hold a state dict (got {type(state).__name__})")
+    meta = read_meta(path) or {}
+    if model is not None:
+        expected, got = fingerprint(model), fingerprint(state)
+        if expected["digest"] != got["digest"]:
+            detail = describe_mismatch(expected, got) or "fingerprints differ"
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was made for a different architecture than the config's model: {detail}"
+            )
+    return dict(state), meta

@@ -1,0 +1,55 @@
+"""The ``modeconn`` command: a Hydra app (``modeconn [overrides]``, ``modeconn -m ...`` sweeps) plus
+``modeconn report RUN_DIR...`` to tabulate finished runs."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+log = logging.getLogger("modeconn")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from modeconn.batchnorm import BatchNormFoldError
+    from modeconn.checkpoint import CheckpointMismatchError
+    from modeconn.config import ConfigError
+    from modeconn.data import DatasetNotFoundError
+    from modeconn.train import NonFiniteLossError
+    from modeconn.units import UnsupportedLayerError
+
+    return (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NonFiniteLossError,
+            UnsupportedLayerError, BatchNormFoldError, FileNotFoundError)
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _run(cfg: DictConfig) -> None:
+    from modeconn.pipeline import run
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = run(cfg, out_dir)
+    except _user_errors() as e:
+        log.error("%s: %s", type(e).__name__, e)
+        print(f"modeconn: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"modeconn: run finished in {summary.get('seconds', 0):.1f} s; report: {out_dir}/report.md")
+
+
+def main() -> None:
+    """Console entry point."""
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from modeconn.report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
+    _run()
+
+
+if __name__ == "__main__":
+    main()

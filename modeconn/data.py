@@ -1,0 +1,264 @@
+"""Datasets as whole tensors, and batch iteration over datasets, tensor pairs or batch iterables."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+DeviceLike = Union[str, torch.device]
+
+# (torchvision class name, per-channel mean, per-channel std, augment)
+_TORCHVISION = {
+    "mnist": ("MNIST", (0.1307,), (0.3081,), False),
+    "fashion_mnist": ("FashionMNIST", (0.2860,), (0.3530,), False),
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+}
+NAMES = ("digits", "synthetic", *_TORCHVISION)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are absent (and were not, or could not be, downloaded)."""
+
+
+@dataclass
+class Dataset:
+    """Whole train/test splits as tensors (float inputs, int64 targets)."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+    augment: bool = False  # random crop (pad 4) + horizontal flip on training batches only
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.y_test)
+
+    def split(self, split: str) -> tuple[Tensor, Tensor]:
+        """The (inputs, targets) of ``split`` ("train" or "test")."""
+        if split == "train":
+            return self.x_train, self.y_train
+        if split == "test":
+            return self.x_test, self.y_test
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+    def to(self, device: DeviceLike) -> Dataset:
+        """A copy with all tensors on ``device`` ("auto" allowed)."""
+        dev = resolve_device(device)
+        return dataclasses.replace(
+            self, x_train=self.x_train.to(dev), y_train=self.y_train.to(dev),
+            x_test=self.x_test.to(dev), y_test=self.y_test.to(dev))
+
+
+def resolve_device(device: DeviceLike) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else -> ``torch.device(device)``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def load(name: str = "digits", root: str | os.PathLike | None = None, download: bool = False,
+         device: DeviceLike = "cpu", **kw: Any) -> Dataset:
+    """Load dataset ``name`` (one of ``NAMES``) as whole tensors on ``device``."""
+    key = str(name).lower().replace("-", "_")
+    if key == "digits":
+        data = _load_digits(**kw)
+    elif key == "synthetic":
+        data = _load_synthetic(**kw)
+    elif key in _TORCHVISION:
+        data = _load_torchvision(key, root, download, **kw)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+    return data.to(device)
+
+
+def _load_digits(image: bool = False) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(digits.target, dtype=torch.int64)
+    i_train, i_test = train_test_split(torch.arange(len(y)).numpy(), test_size=0.2,
+                                       stratify=y.numpy(), random_state=0)
+    i_train, i_test = torch.as_tensor(i_train), torch.as_tensor(i_test)
+    mean, std = x[i_train].mean(), x[i_train].std()  # global, from the train split
+    x = (x - mean) / std
+    shape = (1, 8, 8) if image else (64,)
+    x = x.reshape(-1, *shape)
+    return Dataset("digits", x[i_train], y[i_train], x[i_test], y[i_test], 10, shape)
+
+
+def _load_synthetic(seed: int = 0, num_train: int = 512, num_test: int = 128,
+                    input_shape: int | Iterable[int] = (16,), num_classes: int = 4,
+                    noise: float = 0.1) -> Dataset:
+    """Gaussian inputs labelled by a fixed random linear teacher (argmax of logits plus noise)."""
+    shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(s) for s in input_shape)
+    g = torch.Generator().manual_seed(int(seed))
+    n, dim = num_train + num_test, 1
+    for s in shape:
+        dim *= s
+    x = torch.randn(n, *shape, generator=g)
+    teacher = torch.randn(dim, num_classes, generator=g) / dim ** 0.5
+    logits = x.reshape(n, dim) @ teacher + noise * torch.randn(n, num_classes, generator=g)
+    y = logits.argmax(1)
+    return Dataset("synthetic", x[:num_train], y[:num_train], x[num_train:], y[num_train:],
+                   int(num_classes), shape)
+
+
+def _load_torchvision(key: str, root: str | os.PathLike | None, download: bool) -> Dataset:
+    import torchvision.datasets as tvd
+
+    cls_name, mean, std, augment = _TORCHVISION[key]
+    root = os.path.abspath(os.path.expanduser(
+        os.fspath(root) if root is not None else os.environ.get("MODECONN_DATA", "./data")))
+    splits = []
+    for train in (True, False):
+        try:
+            ds = getattr(tvd, cls_name)(root, train=train, download=download)
+        except (RuntimeError, OSError) as err:  # "Dataset not found", URLError, failed downloads
+            what = "could not be downloaded to" if download else "was not found in"
+            raise DatasetNotFoundError(
+                f"dataset {key!r} {what} {root} ({err}). Pass download=True "
+                f"(CLI: data.download=true) with network access, or place the {cls_name} files "
+                f"in {root} yourself.") from err
+        x = torch.as_tensor(ds.data)  # uint8: (N, H, W) for MNIST-like, (N, H, W, C) for CIFAR
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        x = x.contiguous().to(torch.float32).div_(255)
+        x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+        splits += [x, torch.as_tensor(ds.targets, dtype=torch.int64)]
+    num_classes = 100 if key == "cifar100" else 10
+    return Dataset(key, *splits, num_classes, tuple(splits[0].shape[1:]), augment)
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+def augment_batch(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random crop with 4-pixel zero padding and random horizontal flip of a (N, C, H, W) batch."""
+    if x.ndim != 4:
+        raise ValueError(f"augment_batch expects a 4-D (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    pad = 4
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=gdev).to(x.device)
+    flip = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def _is_pair(data: Any) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, Tensor) for t in data))
+
+
+def _move(x: Tensor, y: Tensor, device: DeviceLike | None) -> tuple[Tensor, Tensor]:
+    if device is None:
+        return x, y
+    dev = resolve_device(device)
+    return x.to(dev), y.to(dev)
+
+
+def iter_batches(data: Any, batch_size: int | None = None, split: str = "train",
+                 shuffle: bool = False, generator: torch.Generator | None = None,
+                 augment: bool = False, device: DeviceLike | None = None,
+                 ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` batches from a Dataset (its ``split``), an (inputs, targets) pair, or an
+    iterable of batches (yielded as given). ``batch_size=None`` gives the whole split as one batch.
+    Augmentation happens only if ``augment`` and ``data.augment`` and ``split == "train"``."""
+    if isinstance(data, Dataset):
+        x, y = data.split(split)
+        augment = augment and data.augment and split == "train"
+    elif _is_pair(data):
+        x, y = data
+        augment = False
+        if len(x) != len(y):
+            raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Tensor, dict)):
+        return _iter_given(data, device)
+    else:
+        raise TypeError("data must be a Dataset, an (inputs, targets) pair of tensors, or an "
+                        f"iterable of (x, y) batches; got {type(data).__name__}")
+    return _iter_tensors(x, y, batch_size, shuffle, generator, augment, device)
+
+
+def _iter_given(batches: Iterable, device: DeviceLike | None) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in batches:
+        if not _is_pair(batch):
+            raise TypeError("each batch must be an (x, y) pair of tensors, got "
+                            f"{type(batch).__name__}")
+        yield _move(*batch, device)
+
+
+def _iter_tensors(x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool,
+                  generator: torch.Generator | None, augment: bool,
+                  device: DeviceLike | None) -> Iterator[tuple[Tensor, Tensor]]:
+    n = len(y)
+    if batch_size is None:
+        batch_size = max(n, 1)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = torch.randperm(n, generator=generator).to(x.device) if shuffle else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            xb, yb = x[idx], y[idx]
+        xb, yb = _move(xb, yb, device)
+        if augment:
+            xb = augment_batch(xb, generator)
+        yield xb, yb
+
+
+def materialize(data: Any, split: str = "train", max_items: int | None = None,
+                device: DeviceLike | None = None) -> tuple[Tensor, Tensor]:
+    """All of ``data`` (or its first ``max_items`` examples) as one ``(x, y)`` pair of tensors."""
+    xs, ys, count = [], [], 0
+    for xb, yb in iter_batches(data, split=split, device=device):
+        if max_items is not None:
+            xb, yb = xb[:max_items - count], yb[:max_items - count]
+        xs.append(xb)
+        ys.append(yb)
+        count += len(yb)
+        if max_items is not None and count >= max_items:
+            break
+    if not xs:
+        raise ValueError("materialize: data yielded no batches")
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+
+
+def example_input(data: Any, n: int = 2) -> Tensor:
+    """A small batch of ``n`` training inputs (e.g. for tracing a model)."""
+    return materialize(data, max_items=n)[0]
+
+
+def describe(data: Any) -> str:
+    """A one-line summary of ``data``."""
+    if isinstance(data, Dataset):
+        return (f"{data.name}: {data.num_train} train / {data.num_test} test, input "
+                f"{tuple(data.input_shape)}, {data.num_classes} classes, "
+                f"{data.x_train.dtype} on {data.x_train.device}, augment={data.augment}")
+    if _is_pair(data):
+        x, y = data
+        return f"tensors: {len(y)} examples, input {tuple(x.shape[1:])}, on {x.device}"
+    return f"batches from {type(data).__name__}"

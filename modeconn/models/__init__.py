@@ -1,0 +1,52 @@
+"""Model zoo: ``build(name, input_shape, num_classes, **kw)``.
+
+Every model is a plain ``nn.Module`` traceable by ``torch.fx`` (so ``modeconn.units.infer`` works on it).
+Names: ``mlp``, ``convnet``, ``vgg`` (``vgg11``, ``vgg11_bn``, ``vgg11_dropout``, ``vgg16``, ``vgg16_bn``),
+``preresnet`` (``preresnet20``, ``preresnet110``, ``preresnet164``). Presets are ``functools.partial``s, so
+their keyword arguments can be overridden.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import nn
+
+from .convnet import convnet
+from .mlp import mlp
+from .preresnet import PreResNet, preresnet
+from .vgg import KUDITIPUDI_VGG11_CHANNEL_DROPOUT, VGG, vgg
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "convnet": convnet,
+    "vgg": vgg,
+    "vgg11": partial(vgg, depth=11),
+    "vgg11_bn": partial(vgg, depth=11, batch_norm=True),
+    # Kuditipudi et al. (2019): VGG-11 with channel-wise dropout after every conv layer.
+    "vgg11_dropout": partial(vgg, depth=11, channel_dropout=list(KUDITIPUDI_VGG11_CHANNEL_DROPOUT)),
+    "vgg16": partial(vgg, depth=16),
+    "vgg16_bn": partial(vgg, depth=16, batch_norm=True),
+    "preresnet": preresnet,
+    "preresnet20": partial(preresnet, depth=20),
+    "preresnet110": partial(preresnet, depth=110),
+    "preresnet164": partial(preresnet, depth=164),
+}
+
+
+def build(name: str, input_shape: tuple[int, ...], num_classes: int, **kw) -> nn.Module:
+    """Build model ``name`` (a key of ``MODELS``; case, '-' and '_' are ignored) for inputs of
+    per-example shape ``input_shape``; ``kw`` go to the builder."""
+    norm = {_normalize(k): k for k in MODELS}
+    key = norm.get(_normalize(name))
+    if key is None:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    return MODELS[key](tuple(int(s) for s in input_shape), int(num_classes), **kw)
+
+
+def _normalize(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+__all__ = ["build", "MODELS", "mlp", "convnet", "vgg", "preresnet", "VGG", "PreResNet",
+           "KUDITIPUDI_VGG11_CHANNEL_DROPOUT"]

@@ -1,0 +1,146 @@
+"""One run, end to end: data, two endpoints, every selected path, evaluation, report and figure.
+
+The run directory holds ``endpoints/`` (checkpoints and sidecars), ``paths/`` (one JSON and CSV per path),
+``paths.png``, ``report.md`` and ``summary.json``. A finished run (``summary.json`` present) is never
+redone or overwritten; an interrupted one resumes: finished endpoints and curves are reused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path as FilePath
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from modeconn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from modeconn.config import to_container, validate
+from modeconn.data import Dataset, describe, example_input, load, resolve_device
+from modeconn.evaluate import PathEval, evaluate_path
+from modeconn.models import build
+from modeconn.paths.base import float_state
+from modeconn.paths.registry import PathContext, build_path
+from modeconn.plots import plot_paths
+from modeconn.train import TrainConfig, train
+
+log = logging.getLogger("modeconn")
+CONV_MODELS = ("convnet", "vgg", "preresnet")
+
+
+def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
+    options = to_container(cfg.data)
+    name = options.pop("name")
+    root, download = options.pop("root", None), options.pop("download", False)
+    if name == "digits":
+        if options.get("image") is None:
+            options["image"] = cfg.model.name in CONV_MODELS
+    elif options.get("image") is None:
+        options.pop("image", None)
+    if "input_shape" in options:
+        options["input_shape"] = tuple(options["input_shape"])
+    return load(name, root=root, download=download, device=device, **options)
+
+
+def build_model(cfg: DictConfig, data: Dataset, seed: int = 0) -> torch.nn.Module:
+    options = to_container(cfg.model)
+    name = options.pop("name")
+    torch.manual_seed(seed)
+    return build(name, tuple(data.input_shape), data.num_classes, **options)
+
+
+def endpoints(cfg: DictConfig, data: Dataset, out_dir: FilePath, device: torch.device) -> list[dict]:
+    """Train (or load) the two endpoints; returns [{'state', 'meta', 'seed'}] for A and B."""
+    model = build_model(cfg, data)
+    if cfg.get("endpoints") is not None:
+        out = []
+        for file in cfg.endpoints:
+            state, meta = load_checkpoint(FilePath(str(file)), model=model)
+            out.append({"state": state, "meta": meta, "seed": meta.get("seed"), "file": str(file)})
+        return out
+    tcfg = TrainConfig(**to_container(cfg.trainer), device=str(device))
+    out = []
+    for seed in (2 * cfg.seed, 2 * cfg.seed + 1):
+        net = build_model(cfg, data, seed)
+        file = out_dir / "endpoints" / f"seed{seed}.pt"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"model": to_container(cfg.model), "data": to_container(cfg.data)}
+        train(net, data, tcfg, seed=seed, checkpoint_path=file, meta=meta, progress=cfg.progress)
+        state, meta = load_checkpoint(file, model=net)
+        out.append({"state": state, "meta": meta, "seed": seed, "file": str(file)})
+    return out
+
+
+def run(cfg: DictConfig, out_dir: str | FilePath) -> dict:
+    """Run one configured job into ``out_dir``; returns the summary (also written as summary.json)."""
+    out_dir = FilePath(out_dir)
+    summary_file = out_dir / "summary.json"
+    if summary_file.exists():
+        log.info("%s is a finished run; not redoing it", out_dir)
+        return json.loads(summary_file.read_text())
+    validate(cfg)
+    started = time.time()
+    device = resolve_device(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    data = load_data(cfg, device)
+    log.info("data: %s", describe(data))
+    ends = endpoints(cfg, data, out_dir, device)
+    model = build_model(cfg, data).to(device)
+    model(example_input(data).to(device))  # fail early on an input-shape mismatch
+    theta_a, theta_b = (float_state({k: v.to(device) for k, v in e["state"].items()}) for e in ends)
+    ctx = PathContext(model=model, theta_a=theta_a, theta_b=theta_b, data=data, device=device,
+                      work_dir=out_dir / "work", progress=cfg.progress, seed=cfg.seed)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    evals: list[PathEval] = []
+    for name, options in cfg.path.items():
+        t0 = time.time()
+        path = build_path(name, ctx, to_container(options or {}))
+        built = time.time() - t0
+        ev = evaluate_path(model, path, data, num_points=cfg.eval.num_points, batch_size=cfg.eval.batch_size,
+                           max_items=cfg.eval.max_items, bn_items=cfg.eval.bn_items, batched=cfg.eval.batched,
+                           device=device, name=name, progress=cfg.progress)
+        ev.info["build_seconds"] = built
+        ev.save(out_dir / "paths")
+        evals.append(ev)
+        log.info("%s: max train loss %.4f, epsilon barrier %.4f%s", name, ev.max_train_loss,
+                 ev.barriers["train_loss"]["epsilon"], "" if ev.bound is None else f", bound {ev.bound:.4f}")
+    plot_paths(evals, out_dir / "paths.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
+    summary = {
+        "name": cfg.name,
+        "finished": True,
+        "seconds": time.time() - started,
+        "device": str(device),
+        "hardware": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "data": describe(data),
+        "endpoints": [{k: e[k] for k in ("seed", "file")} | {"metrics": e["meta"].get("metrics", {})} for e in ends],
+        "paths": {ev.name: {"barriers": ev.barriers, "bound": ev.bound, "within_bound": ev.within_bound,
+                            "segments": len(ev.knots) - 1, "seconds": ev.seconds} for ev in evals},
+    }
+    atomic_write_bytes(out_dir / "report.md", render_report(summary, evals).encode())
+    atomic_write_json(summary_file, summary)
+    return summary
+
+
+def render_report(summary: dict, evals: list[PathEval]) -> str:
+    """A short Markdown report: the endpoints, then one row per path with its barriers and bound."""
+    lines = [f"# modeconn run: {summary['name']}", "", f"Data: {summary['data']}. Device: {summary['device']}.", "",
+             "## Endpoints", "", "| seed | train loss | train acc | test loss | test acc |", "|---|---|---|---|---|"]
+    for e in summary["endpoints"]:
+        m = e["metrics"]
+        lines.append(f"| {e['seed']} | {m.get('train_loss', float('nan')):.4f} | {m.get('train_acc', float('nan')):.4f} "
+                     f"| {m.get('test_loss', float('nan')):.4f} | {m.get('test_acc', float('nan')):.4f} |")
+    lines += ["", "## Paths (train loss unless noted)", "",
+              "| path | segments | max loss | epsilon barrier | chord | mean | midpoint | argmax t | bound | max <= bound | max test error |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ev in evals:
+        b = ev.barriers["train_loss"]
+        bound = "—" if ev.bound is None else f"{ev.bound:.4f}"
+        ok = "—" if ev.within_bound is None else ("yes" if ev.within_bound else "NO")
+        test_err = ev.barriers.get("test_error", {}).get("max", float("nan"))
+        lines.append(f"| {ev.name} | {len(ev.knots) - 1} | {b['max']:.4f} | {b['epsilon']:.4f} | {b['chord']:.4f} | "
+                     f"{b['mean']:.4f} | {b['midpoint']:.4f} | {b['argmax_t']:.3f} | {bound} | {ok} | {test_err:.4f} |")
+    lines += ["", "![paths](paths.png)", "", f"Wall time: {summary['seconds']:.1f} s.", ""]
+    return "\n".join(lines)

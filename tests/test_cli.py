@@ -1,0 +1,85 @@
+"""The CLI end to end on tiny configs: a run, its outputs, bad values, foreign checkpoints, sweeps."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from modeconn.cli import CONF_DIR
+from modeconn.config import ConfigError
+from modeconn.pipeline import run
+
+TINY = ["model.hidden=[16,16]", "trainer.epochs=2", "eval.num_points=5", "progress=false", "path=[linear]"]
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, *overrides])
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "modeconn.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_tiny_run_writes_report_plot_tables_and_checkpoints(tmp_path):
+    summary = run(config(), tmp_path)
+    assert summary["finished"] and set(summary["paths"]) == {"linear"}
+    for name in ("report.md", "paths.png", "summary.json", "config.yaml", "paths/linear.json", "paths/linear.csv",
+                 "endpoints/seed0.pt", "endpoints/seed0.json", "endpoints/seed1.pt"):
+        assert (tmp_path / name).exists(), name
+    assert "| linear | 1 |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "endpoints/seed1.json").read_text())["seed"] == 1
+
+
+def test_a_finished_run_is_not_redone_or_overwritten(tmp_path):
+    run(config(), tmp_path)
+    stamp = (tmp_path / "summary.json").stat().st_mtime_ns
+    again = run(config("trainer.epochs=3"), tmp_path)
+    assert again["finished"] and (tmp_path / "summary.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("override, words", [
+    ("trainer.optimizer=foo", ["trainer.optimizer", "sgd", "adam"]),
+    ("eval.num_points=1", ["eval.num_points"]),
+    ("data.name=imagenet", ["data.name", "digits"]),
+    ("+path.dropout.nonsense=3", ["path.dropout", "nonsense", "keep"]),
+    ("seed=-1", ["seed"]),
+])
+def test_invalid_values_name_the_key_and_what_is_allowed(tmp_path, override, words):
+    with pytest.raises(ConfigError) as err:
+        run(config(override), tmp_path)
+    assert all(w in str(err.value) for w in words)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_existing_checkpoints_as_endpoints_and_foreign_ones_refused(tmp_path):
+    run(config(), tmp_path / "a")
+    ends = f"endpoints=[{tmp_path}/a/endpoints/seed0.pt,{tmp_path}/a/endpoints/seed1.pt]"
+    summary = run(config(ends), tmp_path / "b")
+    assert summary["endpoints"][0]["file"].endswith("seed0.pt")
+    assert not (tmp_path / "b" / "endpoints").exists()
+    from modeconn.checkpoint import CheckpointMismatchError
+    with pytest.raises(CheckpointMismatchError, match="different architecture"):
+        run(config(ends, "model.hidden=[8,16]"), tmp_path / "c")
+
+
+def test_console_script_errors_cleanly_and_sweeps_skip_finished_jobs(tmp_path):
+    bad = cli(*TINY, "trainer.lr=-1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
+    assert bad.returncode == 2 and "trainer.lr" in bad.stderr and "Traceback" not in bad.stderr
+    sweep = ["-m", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep"]
+    first = cli(*sweep, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    summaries = sorted((tmp_path / "sweep").rglob("summary.json"))
+    assert len(summaries) == 2
+    stamps = [s.stat().st_mtime_ns for s in summaries]
+    assert cli(*sweep, cwd=tmp_path).returncode == 0
+    assert [s.stat().st_mtime_ns for s in summaries] == stamps
+    seeds = sorted(json.loads(s.read_text())["endpoints"][0]["seed"] for s in summaries)
+    assert seeds == [0, 2]
+    report = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert report.returncode == 0 and "2 run(s)" in report.stdout and "| linear | 2 |" in report.stdout
