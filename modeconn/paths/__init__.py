@@ -1,4 +1,6 @@
 """Paths between two solutions: every constructor returns a :class:`Path`."""
 from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State, linear
+from modeconn.paths.curves import CurvePath, coefficients, fit_curve, load_curve
 
-__all__ = ["Path", "LinearPath", "PiecewiseLinearPath", "State", "linear"]
+__all__ = ["Path", "LinearPath", "PiecewiseLinearPath", "State", "linear",
+           "CurvePath", "coefficients", "fit_curve", "load_curve"]
