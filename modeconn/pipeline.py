@@ -91,7 +91,8 @@ def run(cfg: DictConfig, out_dir: str | FilePath) -> dict:
     model(example_input(data).to(device))  # fail early on an input-shape mismatch
     theta_a, theta_b = (float_state({k: v.to(device) for k, v in e["state"].items()}) for e in ends)
     ctx = PathContext(model=model, theta_a=theta_a, theta_b=theta_b, data=data, device=device,
-                      work_dir=out_dir / "work", progress=cfg.progress, seed=cfg.seed)
+                      work_dir=out_dir / "work", progress=cfg.progress, seed=cfg.seed,
+                      max_items=cfg.eval.max_items)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     evals: list[PathEval] = []
     for name, options in cfg.path.items():

@@ -1,6 +1,7 @@
 """Paths between two solutions: every constructor returns a :class:`Path`."""
 from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State, linear
 from modeconn.paths.curves import CurvePath, coefficients, fit_curve, load_curve
+from modeconn.paths.dropout import dropout_path
 
 __all__ = ["Path", "LinearPath", "PiecewiseLinearPath", "State", "linear",
-           "CurvePath", "coefficients", "fit_curve", "load_curve"]
+           "CurvePath", "coefficients", "fit_curve", "load_curve", "dropout_path"]

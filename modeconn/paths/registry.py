@@ -30,54 +30,45 @@ class PathContext:
     work_dir: FilePath           # where a constructor may keep checkpoints (resumable work)
     progress: bool = True
     seed: int = 0
+    max_items: int | None = None  # the evaluation's cap on the data, so a bound and its check share data
+
+    def extras(self, name: str) -> dict:
+        """Run-level arguments, passed to a constructor that accepts them (unless the config sets them)."""
+        return {"checkpoint_path": self.work_dir / f"{name}.pt", "device": self.device, "progress": self.progress,
+                "max_items": self.max_items, "seed": self.seed}
+
+
+CONTEXT_KEYS = ("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress", "max_items")
 
 
 @dataclass(frozen=True)
 class Builder:
+    """A constructor function, named by module and attribute (imported on first use)."""
+
     module: str
     attr: str
-    reserved: tuple[str, ...] = ("model", "theta_a", "theta_b", "data")
-    extra: Callable[[PathContext], dict] | None = None
+    reserved: tuple[str, ...] = CONTEXT_KEYS
 
     @property
     def function(self) -> Callable:
         return getattr(importlib.import_module(self.module), self.attr)
 
-    def __call__(self, ctx: PathContext, options: Mapping) -> Path:
-        kwargs = dict(options)
-        if self.extra is not None:
-            accepted = inspect.signature(self.function).parameters
-            kwargs.update({k: v for k, v in self.extra(ctx).items() if k in accepted and k not in kwargs})
+    def __call__(self, ctx: PathContext, name: str, options: Mapping) -> Path:
         if self.attr == "linear":
             return self.function(ctx.theta_a, ctx.theta_b)
+        accepted = inspect.signature(self.function).parameters
+        kwargs = {k: v for k, v in ctx.extras(name).items() if k in accepted}
+        kwargs.update(options)
         return self.function(ctx.model, ctx.theta_a, ctx.theta_b, ctx.data, **kwargs)
 
 
-def _curve_extras(kind: str) -> Callable[[PathContext], dict]:
-    def extras(ctx: PathContext) -> dict:
-        return {"checkpoint_path": ctx.work_dir / f"{kind}.curve.pt", "device": ctx.device,
-                "progress": ctx.progress, "seed": ctx.seed}
-    return extras
-
-
-def _device_extras(ctx: PathContext) -> dict:
-    return {"device": ctx.device}
-
-
 BUILDERS: dict[str, Builder] = {
-    "linear": Builder("modeconn.paths.base", "linear", reserved=("theta_a", "theta_b")),
+    "linear": Builder("modeconn.paths.base", "linear"),
     "dropout": Builder("modeconn.paths.dropout", "dropout_path"),
     "noise": Builder("modeconn.paths.noise", "noise_path"),
-    "narrow": Builder("modeconn.paths.noise", "narrow_path",
-                      reserved=("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress"),
-                      extra=lambda ctx: {"checkpoint_path": ctx.work_dir / "narrow.pt", "device": ctx.device,
-                                         "progress": ctx.progress}),
-    "bezier": Builder("modeconn.paths.curves", "fit_curve",
-                      reserved=("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress"),
-                      extra=_curve_extras("bezier")),
-    "polychain": Builder("modeconn.paths.curves", "fit_curve",
-                         reserved=("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress"),
-                         extra=_curve_extras("polychain")),
+    "narrow": Builder("modeconn.paths.noise", "narrow_path"),
+    "bezier": Builder("modeconn.paths.curves", "fit_curve"),
+    "polychain": Builder("modeconn.paths.curves", "fit_curve"),
 }
 
 
@@ -85,6 +76,6 @@ def build_path(name: str, ctx: PathContext, options: Mapping | None = None) -> P
     """Run the constructor registered as ``name``; the path is named ``name``."""
     if name not in BUILDERS:
         raise KeyError(f"unknown path {name!r}; choose from {', '.join(BUILDERS)}")
-    path = BUILDERS[name](ctx, options or {})
+    path = BUILDERS[name](ctx, name, options or {})
     path.name = name
     return path
