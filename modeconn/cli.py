@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from modeconn.train import NonFiniteLossError
     from modeconn.units import UnsupportedLayerError
 
+    # ValueError covers the rest of the input checks (a path's options, unsupported architectures ...)
     return (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NonFiniteLossError,
-            UnsupportedLayerError, BatchNormFoldError, FileNotFoundError)
+            UnsupportedLayerError, BatchNormFoldError, FileNotFoundError, ValueError)
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -36,8 +38,10 @@ def _run(cfg: DictConfig) -> None:
     try:
         summary = run(cfg, out_dir)
     except _user_errors() as e:
+        if os.environ.get("MODECONN_DEBUG"):
+            raise
         log.error("%s: %s", type(e).__name__, e)
-        print(f"modeconn: error: {e}", file=sys.stderr)
+        print(f"modeconn: error: {e}\n(set MODECONN_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     print(f"modeconn: run finished in {summary.get('seconds', 0):.1f} s; report: {out_dir}/report.md")
 

@@ -36,7 +36,7 @@ from modeconn.paths.moves import (
     lemma2,
     states_equal,
 )
-from modeconn.stability.dropout import _Problem, _stability
+import modeconn.stability.dropout as stability  # module import: stability imports paths.base
 
 __all__ = ["dropout_path", "LABELS"]
 
@@ -70,15 +70,15 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
     keep = float(keep)
     if not 0.0 < keep <= 0.5:
         raise ValueError(f"dropout_path needs keep in (0, 1/2] (Lemma 2 needs half of every layer free); got {keep}")
-    problem = _Problem(model, theta_a, data, max_items, batch_size, device)
+    problem = stability.ChainLoss(model, theta_a, data, max_items, batch_size, device)
     chain = problem.chain
     a = problem.theta
     b = problem.prepare(model, theta_b)
     for k in a:
         if k not in chain.keys and not torch.equal(a[k], b[k]):
             raise ValueError(f"{k!r} differs between the endpoints but no move of this construction changes it")
-    stab_a = _stability(problem, a, keep, trials, seed, r, kept_a)
-    stab_b = _stability(problem, b, keep, trials, int(seed) + 1, r, kept_b)
+    stab_a = stability.stability_of(problem, a, keep, trials, seed, r, kept_a)
+    stab_b = stability.stability_of(problem, b, keep, trials, int(seed) + 1, r, kept_b)
     for g, n in enumerate(chain.sizes):
         for name, st in (("A", stab_a), ("B", stab_b)):
             if len(st.kept[g]) > n // 2:

@@ -75,7 +75,7 @@ def kept_size(size: int, keep: float) -> int:
 
 # ----------------------------------------------------------------------------------- the problem
 
-class _Problem:
+class ChainLoss:
     """A model prepared for dropout: eval-mode (BatchNorm-folded) module, its chain, the data."""
 
     def __init__(self, model: nn.Module, theta: Mapping[str, Tensor], data, max_items: int | None,
@@ -136,7 +136,7 @@ def _resolve_r(r, keep: float, depth: int) -> list[float] | str:
     return rs
 
 
-def _tune_r(problem: _Problem, theta, kept, r0: list[float], keep: float) -> tuple[list[float], list[float]]:
+def _tune_r(problem: ChainLoss, theta, kept, r0: list[float], keep: float) -> tuple[list[float], list[float]]:
     """Coordinate descent over each layer's r (top layer first, one pass), minimising max_k L(theta_k)
     with ``scipy.optimize.minimize_scalar`` on [0.5/keep, 2/keep]; a change is kept only if it helps."""
     from scipy.optimize import minimize_scalar
@@ -159,8 +159,9 @@ def _tune_r(problem: _Problem, theta, kept, r0: list[float], keep: float) -> tup
     return r, losses
 
 
-def _stability(problem: _Problem, theta: Mapping[str, Tensor], keep: float, trials: int, seed: int,
+def stability_of(problem: ChainLoss, theta: Mapping[str, Tensor], keep: float, trials: int, seed: int,
                r=None, kept=None) -> DropoutStability:
+    """Dropout stability of ``theta`` on a prepared :class:`ChainLoss` (shared by the path constructors)."""
     chain = problem.chain
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
@@ -214,5 +215,5 @@ def dropout_stability(model: nn.Module, theta: Mapping[str, Tensor] | None, data
     """
     if theta is None:
         theta = model.state_dict()
-    problem = _Problem(model, theta, data, max_items, batch_size, device)
-    return _stability(problem, problem.theta, float(keep), trials, seed, r, kept)
+    problem = ChainLoss(model, theta, data, max_items, batch_size, device)
+    return stability_of(problem, problem.theta, float(keep), trials, seed, r, kept)
