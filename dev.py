@@ -21,13 +21,13 @@ STAMP = VENV / ".modeconn-installed"
 
 
 def ensure_env() -> None:
-    """Create the virtualenv and install the package (editable, with test extras) when out of date."""
+    """Create the virtualenv and install the package (editable, with the test and launcher extras) when out of date."""
     if not (BIN / "python").exists():
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     if not STAMP.exists() or STAMP.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
         print("dev.py: installing modeconn and its dependencies (PyTorch takes a few minutes the first time)", flush=True)
-        subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"], check=True)
+        subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test,launchers]"], check=True)
         STAMP.touch()
 
 

@@ -32,6 +32,25 @@ def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg)
 
 
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+# Cheap range checks of path options, so a bad value fails before any endpoint is trained.
+PATH_OPTION_RULES: dict[str, tuple[Callable, str]] = {
+    "dropout.keep": (lambda v: isinstance(v, (int, float)) and 0 < v <= 0.5, "in (0, 0.5] (Lemma 2 needs half the units free)"),
+    "dropout.trials": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+    "noise.p": (lambda v: isinstance(v, (int, float)) and 0.5 <= v < 1, "in [0.5, 1) (smaller p: use path=narrow)"),
+    "narrow.p": (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "in (0, 1)"),
+    "bezier.num_bends": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "polychain.num_bends": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "bezier.epochs": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+    "polychain.epochs": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+    "bezier.lr": (_positive, "a positive number"),
+    "polychain.lr": (_positive, "a positive number"),
+}
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed run config before any work starts (raises :class:`ConfigError`)."""
     from modeconn.data import NAMES
@@ -44,6 +63,8 @@ def validate(cfg: DictConfig) -> None:
     require(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "a non-negative integer", cfg.seed)
     require(str(cfg.device) == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"), "device",
             "auto, cpu, cuda or cuda:N", cfg.device)
+    threads = cfg.get("threads")
+    require(threads is None or (isinstance(threads, int) and threads >= 1), "threads", "null or a positive integer", threads)
     try:
         TrainConfig(**to_container(cfg.trainer)).validate()
     except TypeError as e:
@@ -61,7 +82,12 @@ def validate(cfg: DictConfig) -> None:
             f"a non-empty selection such as path=[linear,dropout] from {', '.join(BUILDERS)}", paths)
     for name, options in paths.items():
         require(name in BUILDERS, "path", f"chosen from {', '.join(BUILDERS)}", name)
-        check_kwargs(f"path.{name}", to_container(options or {}), BUILDERS[name].function, BUILDERS[name].reserved)
+        options = to_container(options or {})
+        check_kwargs(f"path.{name}", options, BUILDERS[name].function, BUILDERS[name].reserved)
+        for key, value in options.items():
+            rule = PATH_OPTION_RULES.get(f"{name}.{key}")
+            if rule is not None:
+                require(rule[0](value), f"path.{name}.{key}", rule[1], value)
     if cfg.get("endpoints") is not None:
         ends = list(cfg.endpoints)
         require(len(ends) == 2, "endpoints", "null or a list of two checkpoint files", ends)

@@ -16,12 +16,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modeconn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-from modeconn.config import to_container, validate
+from modeconn.config import ConfigError, to_container, validate
 from modeconn.data import Dataset, describe, example_input, load, resolve_device
 from modeconn.evaluate import PathEval, evaluate_path
 from modeconn.models import build
 from modeconn.paths.base import float_state
-from modeconn.paths.registry import PathContext, build_path
+from modeconn.paths.registry import BUILDERS, PathContext, build_path
 from modeconn.plots import plot_paths
 from modeconn.train import TrainConfig, train
 
@@ -72,14 +72,37 @@ def endpoints(cfg: DictConfig, data: Dataset, out_dir: FilePath, device: torch.d
     return out
 
 
-def run(cfg: DictConfig, out_dir: str | FilePath) -> dict:
-    """Run one configured job into ``out_dir``; returns the summary (also written as summary.json)."""
+RUN_INDEPENDENT = ("progress", "device", "threads")  # keys that do not change a run's results
+
+
+def _result_config(cfg: DictConfig) -> dict:
+    return {k: v for k, v in to_container(cfg).items() if k not in RUN_INDEPENDENT and k != "hydra"}
+
+
+def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None) -> dict:
+    """Run one configured job into ``out_dir``; returns the summary (also written as summary.json).
+
+    ``only`` keeps just these paths of ``cfg.path`` (a command-line ``path=[...]`` over a preset). A
+    finished run in ``out_dir`` is returned as it is when its config matches, and refused when it does not.
+    """
     out_dir = FilePath(out_dir)
+    if only is not None:
+        cfg = cfg.copy()
+        missing = [name for name in only if name not in cfg.path]
+        if missing:
+            raise ConfigError(f"path: {missing} are not configured; choose from {', '.join(BUILDERS)}")
+        cfg.path = {name: cfg.path[name] for name in only}
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
-        log.info("%s is a finished run; not redoing it", out_dir)
-        return json.loads(summary_file.read_text())
+        stored = OmegaConf.load(out_dir / "config.yaml") if (out_dir / "config.yaml").exists() else None
+        if stored is not None and _result_config(stored) != _result_config(cfg):
+            raise ConfigError(f"{out_dir} holds a finished run made with another config; choose a new run "
+                              "directory (hydra.run.dir / hydra.sweep.dir) instead of overwriting it")
+        log.info("%s is a finished run with this config; not redoing it", out_dir)
+        return {**json.loads(summary_file.read_text()), "skipped": True}
     validate(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     started = time.time()
     device = resolve_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from modeconn.cli import CONF_DIR
+from modeconn.cli import CONF_DIR, selected_paths
 from modeconn.config import ConfigError
 from modeconn.pipeline import run
 
@@ -38,9 +38,32 @@ def test_a_tiny_run_writes_report_plot_tables_and_checkpoints(tmp_path):
 
 def test_a_finished_run_is_not_redone_or_overwritten(tmp_path):
     run(config(), tmp_path)
-    stamp = (tmp_path / "summary.json").stat().st_mtime_ns
-    again = run(config("trainer.epochs=3"), tmp_path)
-    assert again["finished"] and (tmp_path / "summary.json").stat().st_mtime_ns == stamp
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = run(config("progress=true"), tmp_path)
+    assert again["finished"] and again["skipped"]
+    with pytest.raises(ConfigError, match="another config"):
+        run(config("trainer.epochs=3"), tmp_path)
+    assert [p.stat().st_mtime_ns for p in files] == stamps
+    assert oct((tmp_path / "summary.json").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_path_selection_on_the_command_line_narrows_a_preset(tmp_path):
+    assert selected_paths(["seed=1", "path=[linear,bezier]"]) == ["linear", "bezier"]
+    assert selected_paths(["path=linear"]) == ["linear"] and selected_paths(["seed=1"]) is None
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=kuditipudi2019_mnist_conv_quick", "path=[linear]", "model.width=4", "trainer.epochs=1",
+            "eval.num_points=3", "progress=false"])
+    assert "dropout" in cfg.path  # the preset's options add its paths back ...
+    summary = run(cfg, tmp_path, only=["linear"])  # ... and the CLI passes only what was selected
+    assert list(summary["paths"]) == ["linear"]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -49,6 +72,9 @@ def test_a_finished_run_is_not_redone_or_overwritten(tmp_path):
     ("data.name=imagenet", ["data.name", "digits"]),
     ("+path.dropout.nonsense=3", ["path.dropout", "nonsense", "keep"]),
     ("seed=-1", ["seed"]),
+    ("+path.dropout.keep=0.8", ["path.dropout.keep", "0.5"]),
+    ("+path.noise.p=0.2", ["path.noise.p", "narrow"]),
+    ("threads=0", ["threads"]),
 ])
 def test_invalid_values_name_the_key_and_what_is_allowed(tmp_path, override, words):
     with pytest.raises(ConfigError) as err:
