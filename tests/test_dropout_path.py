@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from modeconn import data as D
 from modeconn.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.evaluate import evaluate_path
 from modeconn.models import build
@@ -34,59 +33,8 @@ from modeconn.paths.moves import (
 )
 from modeconn.stability.dropout import dropout_stability
 from modeconn.units import infer
+from nets import N_ITEMS, mlp, trained_pair
 
-N_ITEMS = 600
-STEPS = 150
-
-
-# ------------------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is as fast unloaded and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def flat():
-    ds = D.load("digits")
-    return ds.x_train[:N_ITEMS], ds.y_train[:N_ITEMS]
-
-
-@pytest.fixture(scope="session")
-def images():
-    ds = D.load("digits", image=True)
-    return ds.x_train[:N_ITEMS], ds.y_train[:N_ITEMS]
-
-
-def _train(make, data, seed, steps=STEPS, lr=1e-2) -> nn.Module:
-    x, y = data
-    torch.manual_seed(seed)
-    model = make()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
-_PAIRS: dict = {}
-
-
-def _pair(key, make, data, steps=STEPS):
-    """Two trained nets (seeds 0 and 1), cached for the session."""
-    if key not in _PAIRS:
-        _PAIRS[key] = (_train(make, data, 0, steps), _train(make, data, 1, steps))
-    return _PAIRS[key]
-
-
-def _mlp(hidden):
-    return lambda: build("mlp", (64,), 10, hidden=hidden, dropout=0.3)
 
 
 def _conv_pool():
@@ -152,7 +100,7 @@ def _check_path(path, model, data, theta_a, theta_b, points=7):
 
 @pytest.mark.parametrize("hidden", [(33,), (32, 21), (24, 17, 31)], ids=["D1", "D2", "D3"])
 def test_mlp_dropout_path(flat, hidden):
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     theta_a, theta_b = float_state(a.state_dict()), float_state(b.state_dict())
     path = dropout_path(a, theta_a, theta_b, flat)
     assert path.name == "dropout" and path.model is None and not path.info["folded_batchnorm"]
@@ -166,7 +114,7 @@ def test_mlp_dropout_path(flat, hidden):
 
 def test_convnet_dropout_path(images):
     make = lambda: build("convnet", (1, 8, 8), 10, width=8, channel_dropout=0.2)  # noqa: E731
-    a, b = _pair("convnet", make, images, steps=100)
+    a, b = trained_pair("convnet", make, images, steps=100)
     theta_a, theta_b = float_state(a.state_dict()), float_state(b.state_dict())
     path = dropout_path(a, theta_a, theta_b, images)
     assert path.info["hidden_layers"] == 3 and path.info["kept_sizes_a"] == [4, 4, 4]
@@ -174,7 +122,7 @@ def test_convnet_dropout_path(images):
 
 
 def test_conv_pool_flatten_sequential_with_bias(images):
-    a, b = _pair("convpool", _conv_pool, images, steps=100)
+    a, b = trained_pair("convpool", _conv_pool, images, steps=100)
     theta_a, theta_b = float_state(a.state_dict()), float_state(b.state_dict())
     path = dropout_path(a, theta_a, theta_b, images, trials=10)
     assert path.info["sizes"] == [9, 7] and path.info["kept_sizes_a"] == [4, 3]
@@ -185,7 +133,7 @@ def test_batchnorm_is_folded_first(flat):
     def make():
         return nn.Sequential(nn.Linear(64, 25), nn.BatchNorm1d(25), nn.ReLU(), nn.Dropout(0.3), nn.Linear(25, 10))
 
-    a, b = _pair("bn", make, flat)
+    a, b = trained_pair("bn", make, flat)
     path = dropout_path(a, a.state_dict(), b.state_dict(), flat, trials=10)
     assert path.info["folded_batchnorm"] is True
     assert path.model is not None and not has_batchnorm(path.model)
@@ -198,7 +146,7 @@ def test_batchnorm_is_folded_first(flat):
 
 def test_disjoint_kept_sets_give_8D_minus_1_segments(flat):
     hidden = (32, 21)
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     kept_a = [list(range(h // 2)) for h in hidden]
     kept_b = [list(range(h // 2, 2 * (h // 2))) for h in hidden]
     theta_a, theta_b = float_state(a.state_dict()), float_state(b.state_dict())
@@ -212,7 +160,7 @@ def test_disjoint_kept_sets_give_8D_minus_1_segments(flat):
 
 def test_dropout_stability(flat):
     hidden = (32, 21)
-    a, _ = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, _ = trained_pair(("mlp", hidden), mlp(hidden), flat)
     st = dropout_stability(a, a.state_dict(), flat, trials=8, seed=3)
     again = dropout_stability(a, a.state_dict(), flat, trials=8, seed=3)
     assert st.kept == again.kept and st.losses == again.losses  # deterministic
@@ -248,7 +196,7 @@ def test_lemmas_on_index_sets(flat):
     general five-segment permutation (slots chosen so that every target slot is occupied) keeps the
     function."""
     hidden = (24, 17, 31)
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     x = flat[0]
     chain = Chain.from_spec(infer(a, x[:2]))
     assert chain.depth == 3 and chain.sizes == hidden

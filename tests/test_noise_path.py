@@ -14,11 +14,9 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from modeconn import data as D
 from modeconn.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.evaluate import evaluate_path
 from modeconn.models import build
@@ -28,60 +26,9 @@ from modeconn.paths.noise import DROPOUT, LABELS, narrow_path, narrow_widths, no
 from modeconn.stability.dropout_mask import apply_dropout, dropout_masks
 from modeconn.train import TrainConfig
 from modeconn.units import infer, unit_slices
+from nets import mlp, trained_pair
 
-N_ITEMS = 600
-STEPS = 150
 QUICK = {"epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "cosine"}  # theta*'s trainer in the tests
-
-
-# ------------------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is as fast unloaded and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def flat():
-    ds = D.load("digits")
-    return ds.x_train[:N_ITEMS], ds.y_train[:N_ITEMS]
-
-
-@pytest.fixture(scope="session")
-def images():
-    ds = D.load("digits", image=True)
-    return ds.x_train[:N_ITEMS], ds.y_train[:N_ITEMS]
-
-
-def _train(make, data, seed, steps=STEPS, lr=1e-2) -> nn.Module:
-    x, y = data
-    torch.manual_seed(seed)
-    model = make()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
-_PAIRS: dict = {}
-
-
-def _pair(key, make, data, steps=STEPS):
-    """Two trained nets (seeds 0 and 1), cached for the session."""
-    if key not in _PAIRS:
-        _PAIRS[key] = (_train(make, data, 0, steps), _train(make, data, 1, steps))
-    return _PAIRS[key]
-
-
-def _mlp(hidden):
-    return lambda: build("mlp", (64,), 10, hidden=hidden, dropout=0.3)
 
 
 def _conv():
@@ -171,7 +118,7 @@ def _check_lemma2_bound(path, loss, seg):
 
 @pytest.mark.parametrize("hidden", [(64,), (64, 33)], ids=["D1", "D2-odd"])
 def test_mlp_noise_path(flat, hidden):
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     theta_a, theta_b = _states(a, b)
     path = noise_path(a, theta_a, theta_b, flat)
     info = path.info
@@ -187,7 +134,7 @@ def test_mlp_noise_path(flat, hidden):
 
 
 def test_convnet_noise_path(images):
-    a, b = _pair("convnet", _conv, images, steps=100)
+    a, b = trained_pair("convnet", _conv, images, steps=100)
     theta_a, theta_b = _states(a, b)
     path = noise_path(a, theta_a, theta_b, images, max_tries=20)
     assert path.info["sizes"] == [8, 8, 8] and path.info["required_dropped"] == [4, 4, 4]
@@ -199,7 +146,7 @@ def test_batchnorm_is_folded_first(flat):
     def make():
         return nn.Sequential(nn.Linear(64, 25), nn.BatchNorm1d(25), nn.ReLU(), nn.Dropout(0.3), nn.Linear(25, 10))
 
-    a, b = _pair("bn", make, flat)
+    a, b = trained_pair("bn", make, flat)
     path = noise_path(a, a.state_dict(), b.state_dict(), flat, max_tries=10)
     assert path.info["folded_batchnorm"] is True
     assert path.model is not None and not has_batchnorm(path.model)
@@ -223,7 +170,7 @@ def test_resampling(flat):
     """Deterministic per seed; the accepted copy is the first that passes a tolerance, else the best one;
     draws that drop too few units are never used."""
     hidden = (64, 33)
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     theta_a, theta_b = _states(a, b)
     best = noise_path(a, theta_a, theta_b, flat, p=0.5, seed=3, max_tries=12)
     again = noise_path(a, theta_a, theta_b, flat, p=0.5, seed=3, max_tries=12)
@@ -257,7 +204,7 @@ def test_resampling(flat):
 
 def test_noise_path_errors(flat):
     hidden = (64,)
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     theta_a, theta_b = _states(a, b)
     with pytest.raises(ValueError, match="p >= 1/2.*narrow_path"):
         noise_path(a, theta_a, theta_b, flat, p=0.3)
@@ -306,7 +253,7 @@ def _check_star(path, chain):
 
 def test_mlp_narrow_path_and_checkpoint_reuse(flat, tmp_path):
     hidden = (64, 33)
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     theta_a, theta_b = _states(a, b)
     ckpt = tmp_path / "narrow.pt"
     path = narrow_path(a, theta_a, theta_b, flat, p=0.3, trainer=QUICK, checkpoint_path=ckpt, progress=False)
@@ -337,7 +284,7 @@ def test_mlp_narrow_path_and_checkpoint_reuse(flat, tmp_path):
 
 def test_narrow_path_with_a_narrow_model(flat):
     hidden = (64,)
-    a, b = _pair(("mlp", hidden), _mlp(hidden), flat)
+    a, b = trained_pair(("mlp", hidden), mlp(hidden), flat)
     theta_a, theta_b = _states(a, b)
     torch.manual_seed(5)
     small = build("mlp", (64,), 10, hidden=(8,), dropout=0.3)
@@ -354,7 +301,7 @@ def test_narrow_path_with_a_narrow_model(flat):
 
 
 def test_convnet_narrow_path(images):
-    a, b = _pair("convnet", _conv, images, steps=100)
+    a, b = trained_pair("convnet", _conv, images, steps=100)
     theta_a, theta_b = _states(a, b)
     path = narrow_path(a, theta_a, theta_b, images, p=0.75, trainer=QUICK, max_tries=20, progress=False)
     info = path.info
