@@ -119,8 +119,60 @@ def _accumulate(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss.double().sum(1), wrong.double().sum(1)
 
 
+# Batched evaluation: the largest activation (elements of one layer's output, all points of a chunk
+# together) that one data batch may produce. On a CPU it should stay in the caches (the elementwise work of a
+# vmapped layer, bias and ReLU, is memory-bound); a GPU wants large kernels. PARAMETER_BUDGET bounds the
+# stacked parameters of a chunk (elements); MIN_ROWS is the data batch that keeps the batched matrix
+# products efficient, which the point chunk leaves room for.
+ACTIVATION_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 26}
+PARAMETER_BUDGET = 40_000_000
+MIN_ROWS = 256
+
+
+@torch.no_grad()
+def _widest_activation(model: nn.Module, x: Tensor) -> int:
+    """Elements of the largest output of any leaf module for one example (one forward pass on x[:1])."""
+    widest = [int(x[:1].numel())]
+
+    def hook(module, inputs, output):
+        if isinstance(output, Tensor):
+            widest.append(int(output.numel()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(widest)
+
+
+def _budget(device: torch.device) -> int:
+    return ACTIVATION_BUDGET.get(device.type, ACTIVATION_BUDGET["cuda"])
+
+
+def _point_chunk(n_points: int, n_params: int, widest: int, n_items: int, device: torch.device) -> int:
+    """Points evaluated together: as many as the parameter budget allows and as leave a data batch of
+    ``MIN_ROWS`` examples (or the whole split) within the activation budget."""
+    by_params = PARAMETER_BUDGET // max(1, n_params)
+    by_activations = _budget(device) // max(1, min(n_items, MIN_ROWS) * widest)
+    return max(1, min(n_points, by_params, by_activations))
+
+
+def _batch_rows(n_points: int, n_items: int, batch_size: int, widest: int, device: torch.device) -> int:
+    """Examples per data batch when ``n_points`` points share it.
+
+    At least 64 and ``batch_size // n_points`` (the point-examples budget of ``batch_size``), and more for
+    narrow models as long as the widest activation of the batch stays within the activation budget; never
+    more than ``batch_size`` examples (the one-point-at-a-time batch) nor the whole split.
+    """
+    rows = max(64, batch_size // n_points, _budget(device) // max(1, n_points * widest))
+    return max(1, min(rows, max(64, batch_size), n_items))
+
+
 @torch.no_grad()
 def _profile_batched(model: nn.Module, points: dict[str, Tensor], x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Summed-then-averaged loss and error of every point in ``points`` (stacked), ``batch_size`` examples a batch."""
     buffers = dict(model.named_buffers())
 
     def logits(params: dict[str, Tensor], inputs: Tensor) -> Tensor:
@@ -129,8 +181,9 @@ def _profile_batched(model: nn.Module, points: dict[str, Tensor], x: Tensor, y: 
     many = vmap(logits, in_dims=(0, None))
     n_points = next(iter(points.values())).shape[0]
     loss, wrong = torch.zeros(n_points, dtype=torch.float64, device=x.device), torch.zeros(n_points, dtype=torch.float64, device=x.device)
-    for start in range(0, len(x), batch_size):
-        l, w = _accumulate(many(points, x[start : start + batch_size]), y[start : start + batch_size])
+    rows = -(-len(x) // -(-len(x) // batch_size)) if len(x) else batch_size  # same number of batches, equal sizes
+    for start in range(0, len(x), rows):
+        l, w = _accumulate(many(points, x[start : start + rows]), y[start : start + rows])
         loss += l
         wrong += w
     return loss / len(x), wrong / len(x)
@@ -191,16 +244,18 @@ def evaluate_path(
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None
     use_bn = has_batchnorm(model)
-    chunk = 1 if (use_bn or not batched) else point_chunk or max(1, min(len(times), int(4e7 // max(1, sum(p.numel() for p in model.parameters())))))
+    widest = None if (use_bn or not batched) else _widest_activation(model, splits["train"][0])
+    if widest is None:
+        chunk = 1
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
+        chunk = point_chunk or _point_chunk(len(times), n_params, widest, len(splits["train"][0]), dev)
     bar = tqdm(total=len(times), desc=f"eval {name or path.name}", disable=not progress, leave=False)
     for start in range(0, len(times), chunk):
         chunk_ts = times[start : start + chunk]
         points = {k: v.to(dev) for k, v in path.points(chunk_ts).items() if k in names}
-        flat = torch.cat([points[k].reshape(len(chunk_ts), -1).double() for k in names], 1)
-        if previous is not None:
-            flat = torch.cat([previous, flat])
-        steps.extend(torch.linalg.vector_norm(flat[1:] - flat[:-1], dim=1).tolist() if len(flat) > 1 else [])
-        previous = flat[-1:]
+        steps.extend(_steps(points, names, previous))
+        previous = {k: points[k][-1:] for k in names}
         point = None
         if chunk == 1:
             bn_inputs = splits["train"][0][:bn_items] if use_bn else None
@@ -209,7 +264,8 @@ def evaluate_path(
             if point is not None:
                 loss, err = ([v] for v in _profile_point(point, x, y, batch_size))
             else:
-                loss, err = (v.tolist() for v in _profile_batched(model, points, x, y, max(64, batch_size // len(chunk_ts))))
+                rows = _batch_rows(len(chunk_ts), len(x), batch_size, widest, dev)
+                loss, err = (v.tolist() for v in _profile_batched(model, points, x, y, rows))
             metrics[f"{split}_loss"].extend(loss)
             metrics[f"{split}_error"].extend(err)
         bar.update(len(chunk_ts))
@@ -233,6 +289,29 @@ def evaluate_path(
     if any(not np.isfinite(v).all() for v in metrics.values()):
         result.info["warning"] = "non-finite loss along the path"
     return result
+
+
+def _steps(points: dict[str, Tensor], names: Sequence[str], previous: dict[str, Tensor] | None) -> list[float]:
+    """Euclidean distances (float64) between consecutive points of a chunk, the first one measured from
+    ``previous`` (the last point of the chunk before). Tensor by tensor and, on a CPU, in column blocks
+    small enough to stay in cache, instead of one float64 copy of every parameter of the chunk."""
+    first = next(iter(points.values()))
+    n, dev = first.shape[0], first.device
+    total = torch.zeros(n - 1 + (previous is not None), dtype=torch.float64, device=dev)
+    if len(total) == 0:
+        return []
+    cols_per_block = max(1, (1 << 17) // n) if dev.type == "cpu" else None
+    for k in names:
+        p = points[k].reshape(n, -1)
+        if previous is not None:
+            total[0] += torch.linalg.vector_norm(p[0].double() - previous[k].reshape(-1).double()).square()
+        if n < 2:
+            continue
+        step = cols_per_block or p.shape[1]
+        for j in range(0, p.shape[1], step):
+            block = p[:, j : j + step].double()
+            total[len(total) - (n - 1) :] += torch.linalg.vector_norm(block[1:] - block[:-1], dim=1).square()
+    return total.sqrt().tolist()
 
 
 def _segment(knots: Sequence[float], t: float) -> int:

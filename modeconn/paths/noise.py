@@ -272,16 +272,24 @@ def _check_common(p: float, max_tries: int, check_points: int, tolerance) -> Non
 
 def _setup(model, theta_a, theta_b, data, max_items, batch_size, device):
     # imported here: modeconn.stability.dropout imports modeconn.paths, which may export this module
-    from modeconn.stability.dropout import ChainLoss
+    from modeconn.stability.dropout import prepare_endpoints
 
-    problem = ChainLoss(model, theta_a, data, max_items, batch_size, device)
-    chain = problem.chain
-    a = problem.theta
-    b = problem.prepare(model, theta_b)
-    for k in a:
-        if k not in chain.keys and not torch.equal(a[k], b[k]):
-            raise ValueError(f"{k!r} differs between the endpoints but no move of this construction changes it")
-    return problem, chain, a, b
+    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device)
+    return problem, problem.chain, a, b
+
+
+def _run_info(p, seed, tolerance, check_points, problem, chain) -> dict:
+    """The settings and chain facts both constructions report."""
+    return {"p": p, "seed": int(seed), "tolerance": tolerance, "check_points": check_points,
+            "bound_items": len(problem.y), "groups": list(chain.names), "sizes": list(chain.sizes),
+            "hidden_layers": chain.depth}
+
+
+def _draw_info(da, db) -> dict:
+    """Both endpoints' dropout copies: the draws, kept units and the measured maxima of their segments."""
+    return {"dropout_a": da.to_info(), "dropout_b": db.to_info(),
+            "kept_a": [k.tolist() for k in da.kept], "kept_b": [k.tolist() for k in db.kept],
+            "dropout_a_max": da.segment_max, "dropout_b_max": db.segment_max}
 
 
 def _finish(path: PiecewiseLinearPath, problem: ChainLoss) -> PiecewiseLinearPath:
@@ -346,25 +354,13 @@ def noise_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping
         "construction": "Kuditipudi et al. 2019, Theorem 2 (noise stability)",
         "bound": None,
         "bound_formula": "max(L(theta_a), L(theta_b)) + O~(epsilon) (constants and log factors not computable)",
-        "p": p,
-        "seed": int(seed),
-        "tolerance": tolerance,
-        "check_points": check_points,
-        "bound_items": len(problem.y),
-        "groups": list(chain.names),
-        "sizes": list(chain.sizes),
-        "hidden_layers": chain.depth,
+        **_run_info(p, seed, tolerance, check_points, problem, chain),
         "required_dropped": need,
         "loss_a": loss_a,
         "loss_b": loss_b,
         "loss_a1": da.loss1,
         "loss_b1": db.loss1,
-        "dropout_a": da.to_info(),
-        "dropout_b": db.to_info(),
-        "kept_a": [k.tolist() for k in da.kept],
-        "kept_b": [k.tolist() for k in db.kept],
-        "dropout_a_max": da.segment_max,
-        "dropout_b_max": db.segment_max,
+        **_draw_info(da, db),
         "lemma2_bound": lemma2_bound,
         "lemma2_max": max(seg),
         "max_loss": max(segment_max),
@@ -677,14 +673,7 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         "bound": None,
         "bound_formula": "max(L(theta_a) + O~(sqrt(p) eps), L(theta_b) + O~(sqrt(p) eps), L(theta*)) "
                          "(constants and log factors not computable)",
-        "p": p,
-        "seed": int(seed),
-        "tolerance": tolerance,
-        "check_points": check_points,
-        "bound_items": len(problem.y),
-        "groups": list(chain.names),
-        "sizes": list(chain.sizes),
-        "hidden_layers": chain.depth,
+        **_run_info(p, seed, tolerance, check_points, problem, chain),
         "widths": list(widths),
         "required_p": max(1.5 * hs / h for hs, h in zip(widths, chain.sizes)),
         "loss_a": loss_a,
@@ -694,12 +683,7 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         "loss_star": loss_star,
         "theta_star": star_info,
         "placement": [P.tolist() for P in place],
-        "dropout_a": da.to_info(),
-        "dropout_b": db.to_info(),
-        "kept_a": [k.tolist() for k in da.kept],
-        "kept_b": [k.tolist() for k in db.kept],
-        "dropout_a_max": da.segment_max,
-        "dropout_b_max": db.segment_max,
+        **_draw_info(da, db),
         "lemma2_bounds": [max(da.loss1, loss_star), max(loss_star, db.loss1)],
         "lemma2_max": [max(seg1), max(seg2)],
         "max_loss": max(segment_max),

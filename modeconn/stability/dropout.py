@@ -68,6 +68,21 @@ class DropoutStability:
         return asdict(self)
 
 
+def prepare_endpoints(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], data,
+                      max_items: int | None, batch_size: int, device) -> tuple["ChainLoss", dict, dict]:
+    """A :class:`ChainLoss` for ``model`` and both endpoints in its (BatchNorm-folded) parametrisation.
+
+    The endpoints may differ only in tensors the chain's moves act on; anything else (say, a frozen
+    embedding) could not be moved by the construction, so it is refused.
+    """
+    problem = ChainLoss(model, theta_a, data, max_items, batch_size, device)
+    a, b = problem.theta, problem.prepare(model, theta_b)
+    for k in a:
+        if k not in problem.chain.keys and not torch.equal(a[k], b[k]):
+            raise ValueError(f"{k!r} differs between the endpoints but no move of this construction changes it")
+    return problem, a, b
+
+
 def kept_size(size: int, keep: float) -> int:
     """``floor(keep * size)`` (at least 1, at most ``size``)."""
     return min(size, max(1, math.floor(keep * size + 1e-9)))
