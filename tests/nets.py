@@ -1,11 +1,14 @@
 """Small trained networks shared by the path-construction tests (trained once per session)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeconn.evaluate import PathEval, evaluate_path
 from modeconn.models import build
+from modeconn.paths.moves import OUTPUT, PERMUTE, REWIRE
 
 N_ITEMS = 600   # training examples of sklearn's digits the nets see
 STEPS = 150     # full-batch Adam steps
@@ -36,3 +39,28 @@ def trained_pair(key, make, data, steps: int = STEPS) -> tuple[nn.Module, nn.Mod
 
 def mlp(hidden):
     return lambda: build("mlp", (64,), 10, hidden=hidden, dropout=0.3)
+
+
+def profile_segments(model, path, data, points: int) -> tuple[PathEval, np.ndarray, list[int]]:
+    """Train loss at ``points`` points of every segment (both knots included), checking each labelled move.
+
+    Output-layer interpolations stay at or below the larger of their ends (convexity); free-unit rewiring
+    and permutation segments have constant loss (the function does not change). Returns the evaluation,
+    the losses and the segment index of each point.
+    """
+    ts, seg = [], []
+    for i in range(path.num_segments):
+        lo, hi = path.knots[i], path.knots[i + 1]
+        for s in np.linspace(0.0, 1.0, points):
+            ts.append(hi if s == 1.0 else lo + (hi - lo) * float(s))
+            seg.append(i)
+    ev = evaluate_path(model, path, data, ts=ts, device="cpu", progress=False)
+    loss = np.asarray(ev.metrics["train_loss"])
+    scale = max(1.0, float(loss.max()))
+    for i, label in enumerate(path.labels):
+        vals = loss[[j for j, s in enumerate(seg) if s == i]]
+        if label == OUTPUT:
+            assert vals.max() <= max(vals[0], vals[-1]) + 1e-6, (i, label, vals)
+        elif label in (REWIRE, PERMUTE):
+            assert vals.max() - vals.min() <= 1e-5 * scale, (i, label, vals)
+    return ev, loss, seg
