@@ -77,6 +77,13 @@ def validate(cfg: DictConfig) -> None:
     require(ev.max_items is None or (isinstance(ev.max_items, int) and ev.max_items >= 1), "eval.max_items",
             "null or a positive integer", ev.max_items)
     require(isinstance(ev.bn_items, int) and ev.bn_items >= 1, "eval.bn_items", "a positive integer", ev.bn_items)
+    st = cfg.get("stability") or {}
+    for keep in st.get("dropout_keep") or []:
+        require(isinstance(keep, (int, float)) and 0 < keep <= 1, "stability.dropout_keep", "fractions in (0, 1]", keep)
+    require(isinstance(st.get("trials", 20), int) and st.get("trials", 20) >= 1, "stability.trials",
+            "a positive integer", st.get("trials"))
+    require(isinstance(st.get("noise_items", 256), int) and st.get("noise_items", 256) >= 1, "stability.noise_items",
+            "a positive integer", st.get("noise_items"))
     paths = cfg.get("path") or {}
     require(isinstance(paths, (DictConfig, Mapping)) and len(paths) > 0, "path",
             f"a non-empty selection such as path=[linear,dropout] from {', '.join(BUILDERS)}", paths)

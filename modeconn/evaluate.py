@@ -151,9 +151,14 @@ def _budget(device: torch.device) -> int:
     return ACTIVATION_BUDGET.get(device.type, ACTIVATION_BUDGET["cuda"])
 
 
-def _point_chunk(n_points: int, n_params: int, widest: int, n_items: int, device: torch.device) -> int:
+def _point_chunk(n_points: int, n_params: int, widest: int, n_items: int, device: torch.device,
+                 convolutional: bool = False) -> int:
     """Points evaluated together: as many as the parameter budget allows and as leave a data batch of
-    ``MIN_ROWS`` examples (or the whole split) within the activation budget."""
+    ``MIN_ROWS`` examples (or the whole split) within the activation budget. One at a time for
+    convolutional models on a CPU, where a vmapped convolution (a grouped one) is slower than one model
+    at a time."""
+    if convolutional and device.type == "cpu":
+        return 1
     by_params = PARAMETER_BUDGET // max(1, n_params)
     by_activations = _budget(device) // max(1, min(n_items, MIN_ROWS) * widest)
     return max(1, min(n_points, by_params, by_activations))
@@ -249,7 +254,8 @@ def evaluate_path(
         chunk = 1
     else:
         n_params = sum(p.numel() for p in model.parameters())
-        chunk = point_chunk or _point_chunk(len(times), n_params, widest, len(splits["train"][0]), dev)
+        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        chunk = point_chunk or _point_chunk(len(times), n_params, widest, len(splits["train"][0]), dev, conv)
     bar = tqdm(total=len(times), desc=f"eval {name or path.name}", disable=not progress, leave=False)
     for start in range(0, len(times), chunk):
         chunk_ts = times[start : start + chunk]

@@ -117,6 +117,16 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None)
                       work_dir=out_dir / "work", progress=cfg.progress, seed=cfg.seed,
                       max_items=cfg.eval.max_items)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    stability = None
+    st = cfg.get("stability") or {}
+    if st.get("dropout_keep") or st.get("noise"):
+        from modeconn.stability.endpoints import measure_endpoints
+
+        stability = measure_endpoints(model, {f"seed{e['seed']}": th for e, th in zip(ends, (theta_a, theta_b))},
+                                      data, out_dir, keeps=list(st.get("dropout_keep") or []),
+                                      trials=st.get("trials", 20), noise=bool(st.get("noise")),
+                                      noise_items=st.get("noise_items", 256), seed=cfg.seed,
+                                      max_items=cfg.eval.max_items, device=device)
     evals: list[PathEval] = []
     for name, options in cfg.path.items():
         t0 = time.time()
@@ -140,6 +150,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None)
         "torch": torch.__version__,
         "data": describe(data),
         "endpoints": [{k: e[k] for k in ("seed", "file")} | {"metrics": e["meta"].get("metrics", {})} for e in ends],
+        "stability": stability,
         "paths": {ev.name: {"barriers": ev.barriers, "bound": ev.bound, "within_bound": ev.within_bound,
                             "segments": len(ev.knots) - 1, "seconds": ev.seconds} for ev in evals},
     }
@@ -166,6 +177,17 @@ def render_report(summary: dict, evals: list[PathEval]) -> str:
         test_err = ev.barriers.get("test_error", {}).get("max", float("nan"))
         lines.append(f"| {ev.name} | {len(ev.knots) - 1} | {b['max']:.4f} | {b['epsilon']:.4f} | {b['chord']:.4f} | "
                      f"{b['mean']:.4f} | {b['midpoint']:.4f} | {b['argmax_t']:.3f} | {bound} | {ok} | {test_err:.4f} |")
+    if summary.get("stability"):
+        lines += ["", "## Endpoint stability", ""]
+        for name, rows in summary["stability"]["dropout"].items():
+            cells = ", ".join(f"keep {r['keep']:.2f}: {r['loss_all_dropped']:.4f}" for r in rows)
+            lines.append(f"- {name}, loss of the best dropout subnetwork (all hidden layers): {cells}")
+        for name, ns in summary["stability"]["noise"].items():
+            verdict = {True: "holds", False: "fails", None: "reported only"}
+            held = ", ".join(f"{k} {verdict[v.get('holds')]}" for k, v in ns["conditions"].items()
+                             if isinstance(v, dict) and "holds" in v)
+            lines.append(f"- {name}, noise stability: Definition 4 epsilon {ns['epsilon']:.4g} ({held}); "
+                         f"histograms in noise_stability_{name}.png")
     certificates = [line for ev in evals for line in certificate(ev)]
     if certificates:
         lines += ["", "## Certificates (train loss on the constructors' data)", "", *certificates]

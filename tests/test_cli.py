@@ -74,6 +74,7 @@ def test_a_path_selection_on_the_command_line_narrows_a_preset(tmp_path):
     ("+path.dropout.keep=0.8", ["path.dropout.keep", "0.5"]),
     ("+path.noise.p=0.2", ["path.noise.p", "narrow"]),
     ("threads=0", ["threads"]),
+    ("stability.dropout_keep=[0.5,1.5]", ["stability.dropout_keep"]),
 ])
 def test_invalid_values_name_the_key_and_what_is_allowed(tmp_path, override, words):
     with pytest.raises(ConfigError) as err:
@@ -108,3 +109,17 @@ def test_console_script_errors_cleanly_and_sweeps_skip_finished_jobs(tmp_path):
     assert seeds == [0, 2]
     report = cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
     assert report.returncode == 0 and "2 run(s)" in report.stdout and "| linear | 2 |" in report.stdout
+
+
+def test_endpoint_stability_measurements_for_the_paper_figures(tmp_path):
+    summary = run(config("stability.dropout_keep=[0.5,0.9]", "stability.noise=true", "stability.noise_items=16",
+                         "stability.trials=3"), tmp_path)
+    rows = summary["stability"]["dropout"]["seed0"]
+    assert [r["keep"] for r in rows] == [0.5, 0.9]
+    endpoint = summary["endpoints"][0]["metrics"]  # the same full training split, the same plain cross-entropy
+    assert rows[0]["loss"] == pytest.approx(endpoint["train_loss"], abs=1e-5)
+    assert all(r["epsilon"] >= 0 and r["max_nested_loss"] >= r["loss_all_dropped"] for r in rows)
+    assert summary["stability"]["noise"]["seed1"]["epsilon"] > 0
+    for name in ("stability.json", "dropout_stability.png", "noise_stability_seed0.png", "noise_stability_seed1.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "## Endpoint stability" in (tmp_path / "report.md").read_text()
