@@ -180,6 +180,8 @@ def render_report(summary: dict, evals: list[PathEval]) -> str:
     if summary.get("stability"):
         lines += ["", "## Endpoint stability", ""]
         for name, rows in summary["stability"]["dropout"].items():
+            if not rows:
+                continue
             cells = ", ".join(f"keep {r['keep']:.2f}: {r['loss_all_dropped']:.4f}" for r in rows)
             lines.append(f"- {name}, loss of the best dropout subnetwork (all hidden layers): {cells}")
         for name, ns in summary["stability"]["noise"].items():
