@@ -124,7 +124,7 @@ def _accumulate(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 # vmapped layer, bias and ReLU, is memory-bound); a GPU wants large kernels. PARAMETER_BUDGET bounds the
 # stacked parameters of a chunk (elements); MIN_ROWS is the data batch that keeps the batched matrix
 # products efficient, which the point chunk leaves room for.
-ACTIVATION_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 26}
+ACTIVATION_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 26}
 PARAMETER_BUDGET = 40_000_000
 MIN_ROWS = 256
 
@@ -165,14 +165,17 @@ def _point_chunk(n_points: int, n_params: int, widest: int, n_items: int, device
 
 
 def _batch_rows(n_points: int, n_items: int, batch_size: int, widest: int, device: torch.device) -> int:
-    """Examples per data batch when ``n_points`` points share it.
+    """Examples per data batch when ``n_points`` points share it (``n_points`` = 1 included).
 
-    At least 64 and ``batch_size // n_points`` (the point-examples budget of ``batch_size``), and more for
-    narrow models as long as the widest activation of the batch stays within the activation budget; never
-    more than ``batch_size`` examples (the one-point-at-a-time batch) nor the whole split.
+    As many as keep the widest activation of the batch within the activation budget; on a GPU at least
+    ``batch_size // n_points`` (the point-examples budget of ``batch_size``). At least 64, never more than
+    ``batch_size`` (the one-point-at-a-time batch) nor the whole split.
     """
-    rows = max(64, batch_size // n_points, _budget(device) // max(1, n_points * widest))
-    return max(1, min(rows, max(64, batch_size), n_items))
+    rows = _budget(device) // max(1, n_points * widest)
+    if device.type != "cpu":
+        rows = max(rows, batch_size // n_points)
+    rows = min(max(rows, 64), max(64, batch_size))
+    return max(1, min(rows, n_items))
 
 
 @torch.no_grad()
@@ -236,7 +239,9 @@ def evaluate_path(
     None), an ``(inputs, targets)`` pair or an iterable of batches. The grid is ``num_points`` uniform
     points plus every knot and t = 1/2 (or exactly ``ts``). ``max_items`` caps each split (first items);
     BatchNorm statistics are recomputed at every point on the first ``bn_items`` training inputs.
-    ``batched=False`` evaluates one point at a time (the reference behaviour; same numbers).
+    ``batched=False`` evaluates one point at a time, ``batch_size`` examples a batch (the reference
+    behaviour; same numbers). The batched evaluation chooses its point chunk (``point_chunk`` overrides it)
+    and its data batch (at most ``batch_size``) to bound the memory of its activations.
     """
     started = time.perf_counter()
     model = path.model if path.model is not None else model
@@ -249,8 +254,8 @@ def evaluate_path(
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None
     use_bn = has_batchnorm(model)
-    widest = None if (use_bn or not batched) else _widest_activation(model, splits["train"][0])
-    if widest is None:
+    widest = _widest_activation(model, splits["train"][0]) if batched else None
+    if use_bn or not batched:
         chunk = 1
     else:
         n_params = sum(p.numel() for p in model.parameters())
@@ -261,16 +266,16 @@ def evaluate_path(
         chunk_ts = times[start : start + chunk]
         points = {k: v.to(dev) for k, v in path.points(chunk_ts).items() if k in names}
         steps.extend(_steps(points, names, previous))
-        previous = {k: points[k][-1:] for k in names}
+        previous = {k: points[k][-1:].clone() for k in names}
         point = None
         if chunk == 1:
             bn_inputs = splits["train"][0][:bn_items] if use_bn else None
             point = load_point(model, {k: v[0] for k, v in points.items()}, bn_inputs)
         for split, (x, y) in splits.items():
+            rows = batch_size if widest is None else _batch_rows(len(chunk_ts), len(x), batch_size, widest, dev)
             if point is not None:
-                loss, err = ([v] for v in _profile_point(point, x, y, batch_size))
+                loss, err = ([v] for v in _profile_point(point, x, y, rows))
             else:
-                rows = _batch_rows(len(chunk_ts), len(x), batch_size, widest, dev)
                 loss, err = (v.tolist() for v in _profile_batched(model, points, x, y, rows))
             metrics[f"{split}_loss"].extend(loss)
             metrics[f"{split}_error"].extend(err)

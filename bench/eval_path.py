@@ -1,0 +1,204 @@
+"""Benchmark: evaluating a path many points at once versus one model at a time.
+
+Trains (or, with ``--no-train``, just initialises) two endpoints of a model, builds the straight path
+between them with ``modeconn.paths.linear`` and evaluates it at ``--points`` values of t on the train and
+test splits, three ways, in one process, on the same data:
+
+* ``loop``: what the existing tools do (Garipov et al.'s dnn-mode-connectivity and most scripts): for each
+  t, ``model.load_state_dict(path.state_dict(t))``, then a ``DataLoader(TensorDataset(x, y),
+  batch_size=128)`` loop summing the cross-entropy and the errors;
+* ``evaluate_path(..., batched=False)``: modeconn's one-point-at-a-time reference mode;
+* ``evaluate_path(..., batched=True)``: the default, many t per data batch through ``torch.func.vmap``.
+
+Each method is run once to warm up, then ``--repeats`` times; the table gives the median and the best
+wall-clock seconds (``time.perf_counter``, with a CUDA synchronisation on a GPU), the speed-up of the median
+over ``loop``, and the largest absolute difference in train (and test) loss and error between the batched
+evaluation and each of the other two. Times are only reported, never asserted on.
+
+    python bench/eval_path.py                                  # the default MLP on digits, 61 points
+    python bench/eval_path.py --model convnet                  # the all-conv net on 1x8x8 digits
+    python bench/eval_path.py --model vgg11 --data synthetic   # a narrow VGG-11 on CIFAR-shaped data
+    python bench/eval_path.py --device cuda --json eval_mlp.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from modeconn import data as D  # noqa: E402
+from modeconn import models  # noqa: E402
+from modeconn.evaluate import evaluate_path, grid  # noqa: E402
+from modeconn.paths import linear  # noqa: E402
+from modeconn.train import TrainConfig, train  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mlp", choices=["mlp", "convnet", "vgg11"])
+    p.add_argument("--data", default="digits", choices=["digits", "synthetic"])
+    p.add_argument("--points", type=int, default=61, help="grid points along the path")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (after one warm-up run)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--epochs", type=int, default=3, help="endpoint training epochs (kept small)")
+    p.add_argument("--no-train", action="store_true", help="use the random initialisations as endpoints")
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="MLP hidden widths")
+    p.add_argument("--dropout", type=float, default=0.5, help="MLP dropout (off during evaluation)")
+    p.add_argument("--width", type=float, default=0.125, help="VGG channel width multiplier")
+    p.add_argument("--input-shape", type=int, nargs="+", default=None,
+                   help="synthetic input shape (default: 3 32 32 for conv models, 64 for the MLP)")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
+    p.add_argument("--num-train", type=int, default=None, help="synthetic train size (default 2048 CPU, 10000 GPU)")
+    p.add_argument("--num-test", type=int, default=None, help="synthetic test size (default 512 CPU, 2000 GPU)")
+    p.add_argument("--loader-batch", type=int, default=128, help="DataLoader batch size of the loop baseline")
+    p.add_argument("--batch-size", type=int, default=2048, help="evaluate_path batch_size (conf/eval default)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def load_data(args, dev: torch.device) -> D.Dataset:
+    if args.data == "digits":
+        return D.load("digits", device=dev)
+    conv = args.model != "mlp"
+    shape = tuple(args.input_shape) if args.input_shape else ((3, 32, 32) if conv else (64,))
+    gpu = dev.type == "cuda"
+    return D.load("synthetic", device=dev, input_shape=shape, num_classes=args.num_classes,
+                  num_train=args.num_train or (10000 if gpu else 2048), num_test=args.num_test or (2000 if gpu else 512))
+
+
+def build(args, ds: D.Dataset) -> torch.nn.Module:
+    if args.model == "mlp":
+        kw = {"hidden": tuple(args.hidden), "dropout": args.dropout}
+    elif args.model == "vgg11":
+        kw = {"width": args.width}
+    else:
+        kw = {}
+    return models.build(args.model, ds.input_shape, ds.num_classes, **kw)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@torch.no_grad()
+def loop_baseline(model: torch.nn.Module, path, ts: list[float], splits: dict, batch_size: int) -> dict:
+    """One model at a time, the way the existing tools do it: load the state dict, loop over a DataLoader."""
+    model.eval()
+    dev = next(model.parameters()).device
+    loaders = {s: DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False) for s, (x, y) in splits.items()}
+    metrics = {f"{s}_{m}": [] for s in splits for m in ("loss", "error")}
+    for t in ts:
+        model.load_state_dict(path.state_dict(t), strict=False)
+        for split, loader in loaders.items():
+            loss, wrong, n = 0.0, 0, 0
+            for x, y in loader:
+                x, y = x.to(dev), y.to(dev)
+                out = model(x)
+                loss += F.cross_entropy(out, y, reduction="sum").item()
+                wrong += (out.argmax(1) != y).sum().item()
+                n += len(y)
+            metrics[f"{split}_loss"].append(loss / n)
+            metrics[f"{split}_error"].append(wrong / n)
+    return metrics
+
+
+def timed(fn, repeats: int, dev: torch.device) -> tuple[list[float], dict]:
+    fn()  # warm-up
+    seconds, out = [], None
+    for _ in range(max(1, repeats)):
+        sync(dev)
+        started = time.perf_counter()
+        out = fn()
+        sync(dev)
+        seconds.append(time.perf_counter() - started)
+    return seconds, out
+
+
+def max_diff(a: dict, b: dict, key: str) -> float:
+    return max(abs(x - y) for x, y in zip(a[key], b[key]))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = D.resolve_device(args.device)
+    ds = load_data(args, dev)
+    n_params = sum(p.numel() for p in build(args, ds).parameters())
+    print(f"{D.describe(ds)}; model {args.model} ({n_params:,} parameters); device {dev}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = build(args, ds).to(dev)
+        if not args.no_train:
+            cfg = TrainConfig(epochs=args.epochs, lr=0.05, weight_decay=1e-4, batch_size=64, schedule="cosine",
+                              device=str(dev))
+            m = train(net, ds, cfg, seed=seed, progress=False)
+            print(f"endpoint seed {seed}: {args.epochs} epochs, train loss {m['train_loss']:.4f}, "
+                  f"test acc {m['test_acc']:.4f}")
+        ends.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    path = linear(ends[0], ends[1]).to(dev)
+    model = build(args, ds).to(dev).eval()
+    ts = grid(args.points)
+    splits = {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test)}
+
+    def run_loop():
+        return loop_baseline(model, path, ts, splits, args.loader_batch)
+
+    def run_eval(batched: bool):
+        return lambda: evaluate_path(model, path, ds, ts=ts, batch_size=args.batch_size, batched=batched,
+                                     device=dev, progress=False).metrics
+
+    methods = [("loop (load_state_dict + DataLoader)", "loop", run_loop),
+               ("evaluate_path(batched=False)", "one_at_a_time", run_eval(False)),
+               ("evaluate_path(batched=True)", "batched", run_eval(True))]
+    results: dict = {"model": args.model, "data": args.data, "parameters": n_params, "points": len(ts),
+                     "train_items": ds.num_train, "test_items": ds.num_test, "device": str(dev),
+                     "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+                     "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                     "trained_epochs": 0 if args.no_train else args.epochs, "methods": {}}
+    metrics = {}
+    for label, key, fn in methods:
+        seconds, metrics[key] = timed(fn, args.repeats, dev)
+        results["methods"][key] = {"label": label, "seconds": seconds, "median_s": statistics.median(seconds),
+                                   "best_s": min(seconds)}
+    base = results["methods"]["loop"]["median_s"]
+    for key, r in results["methods"].items():
+        r["speedup_vs_loop"] = base / r["median_s"]
+    diffs = {}
+    for other in ("loop", "one_at_a_time"):
+        diffs[f"batched_vs_{other}"] = {k: max_diff(metrics["batched"], metrics[other], k) for k in metrics["batched"]}
+    results["max_abs_diff"] = diffs
+    results["max_train_loss"] = max(metrics["batched"]["train_loss"])
+
+    print(f"{len(ts)} points, train {ds.num_train} + test {ds.num_test} items, median (best) of {args.repeats} runs")
+    print(f"{'method':38s} {'median s':>9s} {'best s':>8s} {'speed-up':>9s}")
+    for key, r in results["methods"].items():
+        print(f"{r['label']:38s} {r['median_s']:9.3f} {r['best_s']:8.3f} {r['speedup_vs_loop']:8.2f}x")
+    for name, d in diffs.items():
+        print(f"max |diff| {name:26s} train loss {d['train_loss']:.2e}  test loss {d['test_loss']:.2e}  "
+              f"train error {d['train_error']:.2e}  test error {d['test_error']:.2e}")
+    print(f"speed-up batched / loop: {results['methods']['batched']['speedup_vs_loop']:.2f}x  "
+          f"(batched / one-at-a-time: {results['methods']['one_at_a_time']['median_s'] / results['methods']['batched']['median_s']:.2f}x)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
