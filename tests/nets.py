@@ -6,8 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.func import functional_call
+
+from modeconn.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.evaluate import PathEval, evaluate_path
 from modeconn.models import build
+from modeconn.paths.base import float_state
 from modeconn.paths.moves import OUTPUT, PERMUTE, REWIRE
 
 N_ITEMS = 600   # training examples of sklearn's digits the nets see
@@ -64,3 +68,18 @@ def profile_segments(model, path, data, points: int) -> tuple[PathEval, np.ndarr
         elif label in (REWIRE, PERMUTE):
             assert vals.max() - vals.min() <= 1e-5 * scale, (i, label, vals)
     return ev, loss, seg
+
+
+def bn_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 25), nn.BatchNorm1d(25), nn.ReLU(), nn.Dropout(0.3), nn.Linear(25, 10))
+
+
+def folded_endpoints(path, a: nn.Module, b: nn.Module, x) -> tuple[dict, dict]:
+    """Check that a construction folded the BatchNorm models ``a``, ``b`` and that the folded path starts
+    at the same eval-mode function as ``a``; returns both folded endpoint states."""
+    assert path.info["folded_batchnorm"] is True
+    assert path.model is not None and not has_batchnorm(path.model)
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(path.model, path(0.0), (x,)), a(x), atol=1e-5, rtol=1e-5)
+    return (float_state(fold_batchnorm(a, a.state_dict()).state_dict()),
+            float_state(fold_batchnorm(b, b.state_dict()).state_dict()))

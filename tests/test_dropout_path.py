@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from modeconn.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.models import build
 from modeconn.paths.base import float_state
 from modeconn.paths.dropout import LABELS, dropout_path
@@ -31,7 +30,7 @@ from modeconn.paths.moves import (
 )
 from modeconn.stability.dropout import dropout_stability
 from modeconn.units import infer
-from nets import N_ITEMS, mlp, profile_segments, trained_pair
+from nets import bn_mlp, folded_endpoints, N_ITEMS, mlp, profile_segments, trained_pair
 
 
 
@@ -115,17 +114,9 @@ def test_conv_pool_flatten_sequential_with_bias(images):
 
 
 def test_batchnorm_is_folded_first(flat):
-    def make():
-        return nn.Sequential(nn.Linear(64, 25), nn.BatchNorm1d(25), nn.ReLU(), nn.Dropout(0.3), nn.Linear(25, 10))
-
-    a, b = trained_pair("bn", make, flat)
+    a, b = trained_pair("bn", bn_mlp, flat)
     path = dropout_path(a, a.state_dict(), b.state_dict(), flat, trials=10)
-    assert path.info["folded_batchnorm"] is True
-    assert path.model is not None and not has_batchnorm(path.model)
-    folded_a = float_state(fold_batchnorm(a, a.state_dict()).state_dict())
-    folded_b = float_state(fold_batchnorm(b, b.state_dict()).state_dict())
-    with torch.no_grad():  # the folded endpoint is the same function as the BN model in eval mode
-        torch.testing.assert_close(functional_call(path.model, path(0.0), (flat[0],)), a(flat[0]), atol=1e-5, rtol=1e-5)
+    folded_a, folded_b = folded_endpoints(path, a, b, flat[0])
     _check_path(path, a, flat, folded_a, folded_b)
 
 

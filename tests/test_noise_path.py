@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from modeconn.batchnorm import fold_batchnorm, has_batchnorm
+from modeconn.batchnorm import has_batchnorm
 from modeconn.models import build
 from modeconn.paths.base import float_state
 from modeconn.paths.moves import PERMUTE, Chain, UnsupportedArchitectureError
@@ -25,7 +24,7 @@ from modeconn.paths.noise import DROPOUT, LABELS, narrow_path, narrow_widths, no
 from modeconn.stability.dropout_mask import apply_dropout, dropout_masks
 from modeconn.train import TrainConfig
 from modeconn.units import infer, unit_slices
-from nets import mlp, profile_segments, trained_pair
+from nets import bn_mlp, folded_endpoints, mlp, profile_segments, trained_pair
 
 QUICK = {"epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "cosine"}  # theta*'s trainer in the tests
 
@@ -129,17 +128,9 @@ def test_convnet_noise_path(images):
 
 
 def test_batchnorm_is_folded_first(flat):
-    def make():
-        return nn.Sequential(nn.Linear(64, 25), nn.BatchNorm1d(25), nn.ReLU(), nn.Dropout(0.3), nn.Linear(25, 10))
-
-    a, b = trained_pair("bn", make, flat)
+    a, b = trained_pair("bn", bn_mlp, flat)
     path = noise_path(a, a.state_dict(), b.state_dict(), flat, max_tries=10)
-    assert path.info["folded_batchnorm"] is True
-    assert path.model is not None and not has_batchnorm(path.model)
-    folded_a = float_state(fold_batchnorm(a, a.state_dict()).state_dict())
-    folded_b = float_state(fold_batchnorm(b, b.state_dict()).state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(functional_call(path.model, path(0.0), (flat[0],)), a(flat[0]), atol=1e-5, rtol=1e-5)
+    folded_a, folded_b = folded_endpoints(path, a, b, flat[0])
     loss, seg = _check_path(path, a, flat, folded_a, folded_b)
     _check_lemma2_bound(path, loss, seg)
 
