@@ -178,6 +178,18 @@ def _batch_rows(n_points: int, n_items: int, batch_size: int, widest: int, devic
     return max(1, min(rows, n_items))
 
 
+def _lift_malloc_thresholds() -> None:
+    """Allocate and free one 31 MiB block (its pages are never touched).
+
+    glibc serves blocks above its mmap threshold (128 KiB at start) with fresh mmapped pages and returns
+    freed heap tops above its trim threshold to the system, so the activations of every data batch would
+    be page-faulted in anew; freeing an mmapped block raises both thresholds to its size (up to 32 MiB)
+    for the rest of the process, after which batches reuse the heap. This alone made the batched
+    evaluation of the default MLP a quarter faster on a 2-core CPU; elsewhere it costs one allocation."""
+    block = torch.empty(31 << 20, dtype=torch.uint8)
+    del block
+
+
 @torch.no_grad()
 def _profile_batched(model: nn.Module, points: dict[str, Tensor], x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
     """Summed-then-averaged loss and error of every point in ``points`` (stacked), ``batch_size`` examples a batch."""
@@ -188,6 +200,8 @@ def _profile_batched(model: nn.Module, points: dict[str, Tensor], x: Tensor, y: 
 
     many = vmap(logits, in_dims=(0, None))
     n_points = next(iter(points.values())).shape[0]
+    if x.device.type == "cpu":
+        _lift_malloc_thresholds()
     loss, wrong = torch.zeros(n_points, dtype=torch.float64, device=x.device), torch.zeros(n_points, dtype=torch.float64, device=x.device)
     rows = -(-len(x) // -(-len(x) // batch_size)) if len(x) else batch_size  # same number of batches, equal sizes
     for start in range(0, len(x), rows):
