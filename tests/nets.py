@@ -83,3 +83,15 @@ def folded_endpoints(path, a: nn.Module, b: nn.Module, x) -> tuple[dict, dict]:
         torch.testing.assert_close(functional_call(path.model, path(0.0), (x,)), a(x), atol=1e-5, rtol=1e-5)
     return (float_state(fold_batchnorm(a, a.state_dict()).state_dict()),
             float_state(fold_batchnorm(b, b.state_dict()).state_dict()))
+
+
+class ResidualMLP(nn.Module):
+    """A residual model: its hidden units feed the output through two routes, so it is not a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.out(h + torch.relu(self.fc2(h)))

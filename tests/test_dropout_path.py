@@ -30,7 +30,7 @@ from modeconn.paths.moves import (
 )
 from modeconn.stability.dropout import dropout_stability
 from modeconn.units import infer
-from nets import bn_mlp, folded_endpoints, N_ITEMS, mlp, profile_segments, trained_pair
+from nets import ResidualMLP, bn_mlp, folded_endpoints, N_ITEMS, mlp, profile_segments, trained_pair
 
 
 
@@ -208,18 +208,10 @@ def test_lemmas_on_index_sets(flat):
         lemma2(chain, theta_a, S, b1, Sp)  # theta_a itself is not half-zero
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.out = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        return self.out(h + torch.relu(self.fc2(h)))
 
 
 def test_unsupported_models_and_options(flat):
-    model = _Residual()
+    model = ResidualMLP()
     with pytest.raises(UnsupportedArchitectureError, match="residual"):
         dropout_path(model, model.state_dict(), model.state_dict(), flat, trials=1)
     res = build("preresnet20", (1, 8, 8), 10)  # pre-activation BN: the chain check comes first

@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from modeconn.batchnorm import has_batchnorm
 from modeconn.models import build
@@ -24,7 +23,7 @@ from modeconn.paths.noise import DROPOUT, LABELS, narrow_path, narrow_widths, no
 from modeconn.stability.dropout_mask import apply_dropout, dropout_masks
 from modeconn.train import TrainConfig
 from modeconn.units import infer, unit_slices
-from nets import bn_mlp, folded_endpoints, mlp, profile_segments, trained_pair
+from nets import ResidualMLP, bn_mlp, folded_endpoints, mlp, profile_segments, trained_pair
 
 QUICK = {"epochs": 4, "batch_size": 64, "lr": 0.05, "schedule": "cosine"}  # theta*'s trainer in the tests
 
@@ -194,16 +193,7 @@ def test_noise_path_errors(flat):
     with pytest.raises(ValueError, match="Raise p or max_tries"):
         noise_path(a, theta_a, theta_b, flat, p=0.5, seed=seed, max_tries=1)
 
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2, self.out = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
-
-        def forward(self, x):
-            h = torch.relu(self.fc1(x))
-            return self.out(h + torch.relu(self.fc2(h)))
-
-    res = Residual()
+    res = ResidualMLP()
     with pytest.raises(UnsupportedArchitectureError, match="residual"):
         noise_path(res, res.state_dict(), res.state_dict(), flat, max_tries=1)
     with pytest.raises(UnsupportedArchitectureError, match="residual"):
