@@ -29,6 +29,8 @@ from torch import nn
 
 __all__ = [
     "CheckpointMismatchError",
+    "UnreadableFileError",
+    "safe_load",
     "fingerprint",
     "describe_mismatch",
     "atomic_write_bytes",
@@ -45,6 +47,36 @@ _DIGEST_CHARS = 16
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's state dict does not fit the model it is meant for."""
+
+
+class UnreadableFileError(ValueError):
+    """A file modeconn reads is missing, truncated, corrupt, or holds more than weights (a pickle payload)."""
+
+
+# --------------------------------------------------------------------------- safe reading
+
+
+def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu", restart_hint: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for every way the file can be bad.
+
+    Every file modeconn reads goes through here: tensors, plain containers and numbers load; anything
+    that would need unpickling arbitrary objects (and so could run code) is refused, as are empty,
+    truncated and random-bytes files. ``what`` names the file's role in the message (``"resume file"``);
+    ``restart_hint`` adds that deleting the file starts that step over.
+    """
+    path = Path(path)
+    hint = f"; delete {path} to start that step over" if restart_hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{what} {path} is empty{hint}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types here; the message is what matters
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+            reason = "it holds Python objects other than tensors and plain containers (refused: loading them could run code)"
+        raise UnreadableFileError(f"{what} {path} cannot be read: {reason}{hint}") from None
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -265,12 +297,7 @@ def load_checkpoint(
     differences; the state is *not* loaded into the model (call ``model.load_state_dict``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt or non-weights file
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+    state = safe_load(path, "checkpoint", map_location=map_location)
     if not isinstance(state, Mapping):
         raise ValueError(f"checkpoint {path} does not hold a state dict (got {type(state).__name__})")
     meta = read_meta(path) or {}
