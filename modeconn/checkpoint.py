@@ -18,8 +18,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,11 +35,13 @@ from torch import nn
 __all__ = [
     "CheckpointMismatchError",
     "UnreadableFileError",
+    "MissingFileError",
     "safe_load",
     "fingerprint",
     "describe_mismatch",
     "atomic_write_bytes",
     "atomic_write_json",
+    "strict_json",
     "atomic_torch_save",
     "sidecar_path",
     "save_checkpoint",
@@ -53,30 +60,66 @@ class UnreadableFileError(ValueError):
     """A file modeconn reads is missing, truncated, corrupt, or holds more than weights (a pickle payload)."""
 
 
+class MissingFileError(UnreadableFileError, FileNotFoundError):
+    """A file modeconn reads does not exist (both an ``UnreadableFileError`` and a ``FileNotFoundError``)."""
+
+
 # --------------------------------------------------------------------------- safe reading
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save(..., _use_new_zipfile_serialization=False)
+_PICKLE_PROTOCOL = 0x80  # first byte of a pickle of protocol >= 2
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
-def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu", restart_hint: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with one clear error for every way the file can be bad.
 
-    Every file modeconn reads goes through here: tensors, plain containers and numbers load; anything
-    that would need unpickling arbitrary objects (and so could run code) is refused, as are empty,
-    truncated and random-bytes files. ``what`` names the file's role in the message (``"resume file"``);
-    ``restart_hint`` adds that deleting the file starts that step over.
+def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu",
+              restart_hint: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear :class:`UnreadableFileError` for every way
+    the file can be bad: missing, empty, truncated, random bytes, or a pickle payload.
+
+    Every file modeconn reads goes through here: tensors, numbers, strings and plain containers load;
+    anything that would need unpickling other objects (and so could run code) is refused before any of
+    it runs. ``what`` names the file's role in the message (``"resume file"``); ``restart_hint`` adds
+    that deleting the file starts that step over. torch's own advice (load with ``weights_only=False``)
+    never reaches the message.
     """
     path = Path(path)
     hint = f"; delete {path} to start that step over" if restart_hint else ""
+    if not path.exists():
+        raise MissingFileError(f"{what} not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{what} {path} is not a file{hint}")
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not head:
         raise UnreadableFileError(f"{what} {path} is empty{hint}")
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise UnreadableFileError(f"{what} {path} is truncated or corrupt (an incomplete archive){hint}")
+    elif not head.startswith(_LEGACY_MAGIC):
+        kind = ("a plain Python pickle, not a PyTorch file (refused: unpickling it could run code)"
+                if head[0] == _PICKLE_PROTOCOL else "not a PyTorch file (random bytes or another format)")
+        raise UnreadableFileError(f"{what} {path} is {kind}{hint}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types here; the message is what matters
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
-            reason = "it holds Python objects other than tensors and plain containers (refused: loading them could run code)"
-        raise UnreadableFileError(f"{what} {path} cannot be read: {reason}{hint}") from None
+        with warnings.catch_warnings():  # e.g. torch's note on an unusual pickle protocol
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        holds = f" ({found.group(1)})" if found else ""
+        raise UnreadableFileError(
+            f"{what} {path} holds Python objects other than tensors, numbers and plain containers{holds}; "
+            f"refused: loading them could run code{hint}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file; the message is what matters
+        raise UnreadableFileError(f"{what} {path} is truncated or corrupt ({_reason(e)}){hint}") from None
+
+
+def _reason(err: Exception) -> str:
+    """The first sentence of torch's error, or only its type when that mentions ``weights_only``."""
+    text = str(err).strip()
+    if not text or "weights_only" in text:
+        return type(err).__name__
+    return text.splitlines()[0].split(". ")[0]
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -229,10 +272,25 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` as plain JSON values: every non-finite float (NaN, inf) becomes ``None`` (JSON ``null``),
+    at any depth; paths, tensors, numpy values, dataclasses and mappings are converted first."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):  # bool is an int
+        return obj
+    if isinstance(obj, Mapping):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): strict_json(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return strict_json(_json_default(obj))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically. Paths, tensors, numpy values, dataclasses and
-    mappings (e.g. OmegaConf containers) are converted."""
-    text = json.dumps(obj, indent=2, default=_json_default)
+    """Write ``obj`` as indented, strict JSON atomically (see :func:`strict_json`: NaN and inf are
+    written as ``null``, never as the non-JSON tokens ``NaN``/``Infinity``)."""
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode())
 
 

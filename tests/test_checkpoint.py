@@ -1,13 +1,16 @@
 import json
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from modeconn.checkpoint import (
     CheckpointMismatchError,
+    UnreadableFileError,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
@@ -15,6 +18,7 @@ from modeconn.checkpoint import (
     fingerprint,
     load_checkpoint,
     read_meta,
+    safe_load,
     save_checkpoint,
     sidecar_path,
 )
@@ -167,8 +171,80 @@ def test_load_with_wrong_model_raises_mismatch(tmp_path):
 def test_load_rejects_pickled_objects(tmp_path):
     path = tmp_path / "bad.pt"
     torch.save({"model": mlp()}, path)  # a whole module, not a state dict
-    with pytest.raises(RuntimeError, match="bad.pt"):
+    with pytest.raises(UnreadableFileError, match="bad.pt holds Python objects .*could run code"):
         load_checkpoint(path)
+
+
+def _damaged(tmp_path) -> dict:
+    good = tmp_path / "good.pt"
+    torch.save(mlp().state_dict(), good)
+    raw = good.read_bytes()
+    flipped = bytearray(raw)
+    flipped[200:400] = bytes(b ^ 0xFF for b in flipped[200:400])
+    files = {"empty": b"", "truncated": raw[: len(raw) // 2], "random bytes": os.urandom(2000),
+             "text": b"hello, not weights\n", "corrupt inside": bytes(flipped),
+             "plain pickle": pickle.dumps({"w": [1, 2]})}
+    out = {}
+    for name, data in files.items():
+        out[name] = tmp_path / (name.replace(" ", "_") + ".pt")
+        out[name].write_bytes(data)
+    return out
+
+
+EXPECTED = {"empty": "is empty", "truncated": "is truncated or corrupt", "random bytes": "is not a PyTorch file",
+            "text": "is not a PyTorch file", "corrupt inside": "is truncated or corrupt",
+            "plain pickle": "plain Python pickle"}
+
+
+def test_safe_load_names_the_file_and_what_is_wrong_with_it(tmp_path):
+    for name, path in _damaged(tmp_path).items():
+        with pytest.raises(UnreadableFileError) as err:
+            safe_load(path, "resume file", restart_hint=True)
+        msg = str(err.value)
+        assert msg.startswith(f"resume file {path} ") and EXPECTED[name] in msg, (name, msg)
+        assert f"delete {path} to start that step over" in msg
+        assert "weights_only" not in msg and "\n" not in msg, (name, msg)
+    with pytest.raises(UnreadableFileError, match="curve checkpoint not found: .*nope.pt") as err:
+        safe_load(tmp_path / "nope.pt", "curve checkpoint")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, ValueError)
+    with pytest.raises(UnreadableFileError, match="is not a file"):
+        safe_load(tmp_path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_safe_load_refuses_a_payload_without_running_it(tmp_path, legacy):
+    marker = tmp_path / "MARKER"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (os.fspath(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state": Payload()}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnreadableFileError, match="evil.pt holds Python objects .*(io.open).*could run code"):
+        safe_load(path)
+    assert not marker.exists()
+
+
+def test_safe_load_reads_weights_and_plain_containers(tmp_path):
+    path = tmp_path / "ok.pt"
+    obj = {"format": 1, "t": torch.arange(3.0), "nested": [{"a": 1.5, "b": "x"}], "none": None}
+    torch.save(obj, path)
+    back = safe_load(path)
+    assert back["nested"] == obj["nested"] and torch.equal(back["t"], obj["t"]) and back["none"] is None
+
+
+def test_json_files_are_strict_json(tmp_path):
+    path = tmp_path / "x.json"
+    nan, inf = float("nan"), float("inf")
+    atomic_write_json(path, {"a": nan, "b": [1.0, inf, (-inf, 2)], "t": torch.tensor([nan, 1.0]),
+                             "s": torch.tensor(inf), "n": np.float64(nan), "arr": np.array([1.0, np.nan]),
+                             "deep": {"x": {"y": [nan]}}, "ok": 0.5, "flag": True})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
+    assert back == {"a": None, "b": [1.0, None, [None, 2]], "t": [None, 1.0], "s": None, "n": None,
+                    "arr": [1.0, None], "deep": {"x": {"y": [None]}}, "ok": 0.5, "flag": True}
 
 
 def test_save_checkpoint_moves_tensors_to_cpu_and_copies(tmp_path):
