@@ -1,0 +1,160 @@
+"""Permutation alignment: exact recovery of permuted networks, function preservation, and barriers."""
+import pytest
+import torch
+import torchvision
+from torch.func import functional_call
+
+from modeconn.align import activation_matching, repair, weight_matching
+from modeconn.evaluate import evaluate_path
+from modeconn.models import build
+from modeconn.paths import linear
+from modeconn.paths.base import float_state
+from modeconn.units import infer
+from nets import trained_pair
+
+IMAGE = (1, 8, 8)
+CIFAR = (3, 32, 32)
+MODELS = {  # name: (model factory, input shape)
+    "mlp": (lambda: build("mlp", (64,), 10, hidden=(32, 24)), (64,)),
+    "convnet": (lambda: build("convnet", IMAGE, 10, width=8, bias=True), IMAGE),
+    "vgg11": (lambda: build("vgg11", IMAGE, 10, width=0.125, fc_width=32), IMAGE),
+    "vgg11_bn": (lambda: build("vgg11_bn", IMAGE, 10, width=0.125, fc_width=32), IMAGE),
+    "preresnet20": (lambda: build("preresnet20", IMAGE, 10, width=0.5), IMAGE),
+    "torchvision_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), CIFAR),
+}
+
+
+def _state(model: torch.nn.Module, seed: int) -> dict:
+    """The model's state with every float entry drawn at random (BatchNorm statistics included), so that
+    matching has nothing but the weights to go on."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            v = torch.randn(v.shape, generator=gen) * (v.std() if v.numel() > 1 and v.std() > 0 else 1.0)
+            if "running_var" in k:
+                v = v.abs() + 0.5
+        out[k] = v
+    return out
+
+
+def _outputs(model, state, x):
+    with torch.no_grad():
+        return functional_call(model.eval(), state, (x,))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def permuted(request):
+    make, shape = MODELS[request.param]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(1))
+    spec = infer(model, x[:2])
+    theta_a = _state(model, 2)
+    theta_b = spec.permute(theta_a, spec.random_perms(torch.Generator().manual_seed(3)))
+    dtype = torch.float32 if request.param.startswith("torchvision") else torch.float64
+    return request.param, model, x, spec, theta_a, theta_b, weight_matching(model, theta_a, theta_b, spec=spec, dtype=dtype)
+
+
+def test_weight_matching_recovers_a_random_permutation_exactly(permuted):
+    name, model, x, spec, theta_a, theta_b, al = permuted
+    assert al.moved and sum(al.moved.values()) > 0
+    for k, v in theta_a.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(al.theta[k], v, atol=1e-6, rtol=0, msg=f"{name}: {k}")
+        else:
+            assert torch.equal(al.theta[k], v)
+    assert al.fraction_permuted > 0.99
+    # the aligned straight line is flat: every point is theta_A
+    ev = evaluate_path(model, linear(theta_a, al.theta), (x, torch.arange(len(x)) % 10), num_points=3,
+                       bn_items=len(x), device="cpu", progress=False)
+    loss = ev.metrics["train_loss"]
+    assert max(loss) - min(loss) <= 1e-5 * max(1.0, abs(loss[0]))
+
+
+def test_aligned_state_computes_the_same_function_as_b(permuted):
+    name, model, x, spec, theta_a, theta_b, al = permuted
+    torch.testing.assert_close(_outputs(model, al.theta, x), _outputs(model, theta_b, x), atol=1e-5, rtol=1e-5)
+    assert set(al.theta) == set(theta_b)
+
+
+def test_weight_matching_objective_never_decreases(permuted):
+    *_, al = permuted
+    obj = al.objective
+    assert len(obj) == al.info["sweeps"] + 1 and al.info["converged"]
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(obj, obj[1:]))
+    assert obj[-1] > obj[0]
+
+
+def test_activation_matching_recovers_a_permuted_mlp():
+    make, shape = MODELS["mlp"]
+    model = make().eval()
+    x = torch.randn(512, *shape, generator=torch.Generator().manual_seed(0))
+    spec = infer(model, x[:2])
+    theta_a = float_state(model.state_dict())
+    theta_b = spec.permute(theta_a, spec.random_perms(torch.Generator().manual_seed(4)))
+    al = activation_matching(model, theta_a, theta_b, (x, torch.zeros(len(x), dtype=torch.long)), spec=spec)
+    for k in theta_a:
+        torch.testing.assert_close(al.theta[k], theta_a[k], atol=1e-6, rtol=0)
+    assert al.objective[1] == pytest.approx(sum(g.size for g in spec.groups), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_mlps(flat):
+    a, b = trained_pair("align-mlp-64", lambda: build("mlp", (64,), 10, hidden=(64, 64)), flat)
+    return a, a.state_dict(), b.state_dict()
+
+
+def _barrier(model, path, data) -> float:
+    ev = evaluate_path(model, path, data, num_points=11, device="cpu", progress=False)
+    return ev.barriers["train_loss"]["mean"]
+
+
+def test_alignment_halves_the_barrier_of_two_trained_mlps(digits_mlps, flat):
+    model, theta_a, theta_b = digits_mlps
+    naive = _barrier(model, linear(theta_a, theta_b), flat)
+    assert naive > 0.05
+    for al in (weight_matching(model, theta_a, theta_b, example_input=flat[0][:2]),
+               activation_matching(model, theta_a, theta_b, flat)):
+        torch.testing.assert_close(_outputs(model, al.theta, flat[0]), _outputs(model, theta_b, flat[0]),
+                                   atol=1e-5, rtol=1e-5)
+        assert _barrier(model, linear(theta_a, al.theta), flat) <= naive / 2, al.method
+
+
+def test_repair_keeps_the_endpoints_and_lowers_the_midpoint(digits_mlps, flat):
+    model, theta_a, theta_b = digits_mlps
+    al = weight_matching(model, theta_a, theta_b, example_input=flat[0][:2])
+    line = linear(theta_a, al.theta)
+    fixed = repair(line, model, flat)
+    assert fixed.knots == line.knots and fixed.keys() == line.keys()
+    for t in (0.0, 1.0):
+        for k, v in line(t).items():
+            assert torch.equal(fixed(t)[k], v)
+    ends = fixed.points([0.0, 0.5, 1.0])
+    assert torch.equal(ends["1.weight"][0], line(0.0)["1.weight"])
+    assert torch.equal(ends["1.weight"][2], line(1.0)["1.weight"])
+    assert _barrier(model, fixed, flat) < _barrier(model, line, flat)
+
+
+def test_repair_matches_the_interpolated_statistics_with_batchnorm(images):
+    """A BN net whose BN does not follow a layer directly (PreResNet): REPAIR's points reach the
+    interpolated per-unit statistics at every corrected layer."""
+    make = lambda: build("preresnet20", IMAGE, 10, width=0.5)  # noqa: E731
+    torch.manual_seed(0)
+    a, b = make().eval(), make().eval()
+    line = linear(a.state_dict(), b.state_dict())
+    fixed = repair(line, a, images, max_items=256)
+    assert fixed.sites and fixed.info["repair"]["spread_only"]  # the bias-free convs into the stream
+    stats, _ = fixed._run(fixed(0.5))
+    for site in fixed.sites:
+        target_std = 0.5 * (fixed.stats_a[site][1] + fixed.stats_b[site][1])
+        torch.testing.assert_close(stats[site][1], target_std, atol=1e-4, rtol=1e-3)
+
+
+def test_alignment_needs_a_spec_or_an_example_input(digits_mlps):
+    model, theta_a, theta_b = digits_mlps
+    with pytest.raises(ValueError, match="example_input"):
+        weight_matching(model, theta_a, theta_b)
+    with pytest.raises(KeyError, match="1.weight"):
+        weight_matching(model, {k: v for k, v in theta_a.items() if k != "1.weight"}, theta_b,
+                        example_input=torch.zeros(2, 64))
