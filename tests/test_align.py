@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torch.func import functional_call
 
 from modeconn.align import activation_matching, repair, weight_matching
@@ -21,7 +22,25 @@ MODELS = {  # name: (model factory, input shape)
     "vgg11_bn": (lambda: build("vgg11_bn", IMAGE, 10, width=0.125, fc_width=32), IMAGE),
     "preresnet20": (lambda: build("preresnet20", IMAGE, 10, width=0.5), IMAGE),
     "torchvision_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), CIFAR),
+    # blocked groups: conv groups (a tie of input and output blocks), attention heads (q/k and v/out)
+    "grouped_conv": (lambda: nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                           nn.Conv2d(8, 8, 3, groups=4, padding=1), nn.ReLU(),
+                                           nn.Flatten(), nn.Linear(8 * 64, 10)), IMAGE),
+    "transformer_encoder": (lambda: TokenClassifier(), (5, 8)),
 }
+
+
+class TokenClassifier(nn.Module):
+    """Tokens -> Linear -> two post-norm transformer layers (4 heads) -> mean over tokens -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.inp, self.out = nn.Linear(8, 32), nn.Linear(32, 10)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x)).mean(1))
 
 
 def _state(model: torch.nn.Module, seed: int) -> dict:

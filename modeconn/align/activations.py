@@ -3,8 +3,8 @@
 A group's activations are observed where its units are read: the input of every layer that consumes
 the group (the next Linear/Conv), which is the producing layer's output after its nonlinearity, norm and
 pooling (a group no layer reads as plain input features is observed at its producing layers' outputs). Conv maps are flattened over batch and space (and over the H*W block of a conv -> linear
-flatten); a residual stream is observed at every layer that reads it. Per group, one linear assignment
-maximises the summed Pearson correlations of matched units. Groups are solved in forward order;
+flatten); a residual stream is observed at every layer that reads it. Per group (per tie of
+blocked groups), one linear assignment maximises the summed Pearson correlations of matched units. Groups are solved in forward order;
 permuting earlier groups does not change any unit's activation values (only their order), so one pass of
 each network over the data measures every group as it would be seen on the already-permuted prefix.
 """
@@ -15,11 +15,11 @@ import time
 from collections.abc import Mapping
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from modeconn.align.alignment import (Alignment, check_states, fraction_permuted, module_of, resolve_spec,
                                       unit_columns, unit_dim)
+from modeconn.align.assign import assign, steps
 from modeconn.data import iter_batches, materialize
 from modeconn.units import UnitSpec
 
@@ -133,13 +133,13 @@ def activation_matching(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b
         for h in handles:
             h.remove()
     perms, before, after, mean_corr = {}, 0.0, 0.0, {}
-    for g in spec.groups:
-        corr = moments[g.name].correlation().cpu()
-        _, col = linear_sum_assignment(corr.numpy(), maximize=True)
-        perms[g.name] = torch.as_tensor(col, dtype=torch.long)
-        matched = corr[torch.arange(g.size), perms[g.name]]
-        before, after = before + float(corr.diagonal().sum()), after + float(matched.sum())
-        mean_corr[g.name] = float(matched.mean())
+    for groups in steps(spec.groups):
+        corrs = [moments[g.name].correlation().cpu() for g in groups]
+        for g, corr, col in zip(groups, corrs, assign([c.numpy() for c in corrs], groups[0].blocks)):
+            perms[g.name] = torch.as_tensor(col, dtype=torch.long)
+            matched = corr[torch.arange(g.size), perms[g.name]]
+            before, after = before + float(corr.diagonal().sum()), after + float(matched.sum())
+            mean_corr[g.name] = float(matched.mean())
     theta = spec.permute(dict(theta_b), perms)
     info = {"items": len(x), "mean_correlation": mean_corr}
     return Alignment("activations", theta, perms, [before, after], fraction_permuted(model, spec),

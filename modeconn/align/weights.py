@@ -2,7 +2,9 @@
 
 Find permutations P of B's unit groups maximising sum over every permuted parameter tensor of
 <W_A, P(W_B)>. Coordinate descent: groups in random order, each step solves one linear assignment for a
-single group with every other group's current permutation applied, until a sweep improves no group. The
+single group (or the groups of one tie, jointly) with every other group's current permutation applied,
+until a sweep improves no group. Blocked groups (attention heads, conv groups) keep their blocks whole
+(:mod:`modeconn.align.assign`); a grouped convolution is matched as its dense block-diagonal weight. The
 cost of group g is C = sum over the (tensor, axis) pairs g touches of A_(axis) @ B_(axis)^T, each tensor
 flattened to (units, rest) along that axis, so residual streams (one group read and written by many
 layers), conv channels, conv -> linear flatten blocks and BatchNorm affine parameters all enter the same
@@ -16,11 +18,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from modeconn.align.alignment import Alignment, axis_index, check_states, fraction_permuted, resolve_spec, segment
-from modeconn.units import UnitSpec
+from modeconn.align.assign import assign, steps
+from modeconn.units import UnitAxis, UnitSpec
 
 
 class _Problem:
@@ -36,49 +38,71 @@ class _Problem:
                     self.touch.setdefault(ax.name, []).append((g.name, ax))
         self.a = {k: theta_a[k].detach().to(device, dtype) for k in self.touch}
         self.b = {k: theta_b[k].detach().to(device, dtype) for k in self.touch}  # permuted as we go
+        for k, axes in self.touch.items():  # grouped conv inputs: work on the dense block-diagonal weight
+            for i, (g, ax) in enumerate(axes):
+                if getattr(ax, "within", None) is not None:
+                    blocks = next(x.blocks for x in self.groups if x.name == g)
+                    self.a[k], self.b[k] = (_dense(t, ax, blocks) for t in (self.a[k], self.b[k]))
+                    axes[i] = (g, UnitAxis(ax.name, ax.axis, ax.block))
         self.a_rows = {ax: segment(self.a[k], ax, self.sizes[g]) for k, axes in self.touch.items() for g, ax in axes}
         self.perms = {g.name: torch.arange(g.size, device=device) for g in self.groups}
         self.device = device
+
+    def axes(self, group) -> list:
+        """The group's (dense) axes on parameter tensors."""
+        return [ax for k in dict.fromkeys(a.name for a in group.axes) if k in self.touch
+                for g, ax in self.touch[k] if g == group.name]
 
     def cost(self, group) -> Tensor:
         """C[i, j]: summed inner product of A's unit i and B's unit j over every tensor the group touches,
         with every other group's current permutation applied to B."""
         n = group.size
         c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
-        for ax in group.axes:
-            if ax.name in self.touch:
-                c += (self.a_rows[ax] @ segment(self.b[ax.name], ax, n).T).double()
+        for ax in self.axes(group):
+            c += (self.a_rows[ax] @ segment(self.b[ax.name], ax, n).T).double()
         out = torch.empty_like(c)
         out[:, self.perms[group.name]] = c  # B's rows carry this group's permutation too: undo it
         return out
 
-    def _moved(self, group, perm: Tensor) -> dict[str, Tensor]:
-        """B's tensors touched by ``group`` as they would be with ``perm`` for that group."""
-        inverse = torch.argsort(self.perms[group.name])
-        step = inverse[perm]  # new unit i is currently stored at position step[i]
-        out = {}
-        for ax in group.axes:
-            if ax.name in self.touch:
+    def _moved(self, groups, perms) -> dict[str, Tensor]:
+        """B's tensors touched by ``groups`` as they would be with ``perms`` (one per group)."""
+        out: dict[str, Tensor] = {}
+        for group, perm in zip(groups, perms):
+            step = torch.argsort(self.perms[group.name])[perm]  # new unit i is now stored at step[i]
+            for ax in self.axes(group):
                 t = out.get(ax.name, self.b[ax.name])
                 out[ax.name] = t.index_select(ax.axis, axis_index(ax, step, t.shape[ax.axis]))
         return out
 
-    def set(self, group, perm: Tensor) -> None:
-        self.b.update(self._moved(group, perm))
-        self.perms[group.name] = perm
+    def set(self, groups, perms) -> None:
+        self.b.update(self._moved(groups, perms))
+        self.perms.update({g.name: p for g, p in zip(groups, perms)})
 
-    def self_coupled(self, group) -> bool:
-        """Whether some tensor carries this group on two axes (a layer from a residual stream to itself),
-        which makes the group's objective quadratic in its permutation."""
-        return any(sum(1 for name, _ in self.touch[ax.name] if name == group.name) > 1
-                   for ax in group.axes if ax.name in self.touch)
+    def coupled(self, groups) -> bool:
+        """Whether some tensor carries these groups on two axes (a layer from a residual stream to itself,
+        a grouped convolution), which makes the step's objective quadratic in its permutations."""
+        names = {g.name for g in groups}
+        keys = {ax.name for g in groups for ax in self.axes(g)}
+        return any(sum(1 for name, _ in self.touch[k] if name in names) > 1 for k in keys)
 
-    def exact_gain(self, group, perm: Tensor) -> float:
-        moved = self._moved(group, perm)
+    def exact_gain(self, groups, perms) -> float:
+        moved = self._moved(groups, perms)
         return sum(_dot(self.a[k], moved[k]) - _dot(self.a[k], self.b[k]) for k in moved)
 
     def objective(self) -> float:
         return sum(_dot(self.a[k], self.b[k]) for k in self.touch)
+
+
+def _dense(t: Tensor, ax, blocks: int) -> Tensor:
+    """A grouped convolution's weight as the dense block-diagonal weight of the same function: axis
+    ``ax.axis`` (a unit's index inside its block) widened to every block's units, zero off the blocks of
+    axis ``ax.within``."""
+    v = t.movedim((ax.within, ax.axis), (0, 1))
+    rows, width = v.shape[0] // blocks, v.shape[1]
+    dense = v.new_zeros(v.shape[0], width * blocks, *v.shape[2:])
+    for k in range(blocks):
+        dense[k * rows:(k + 1) * rows, k * width:(k + 1) * width] = v[k * rows:(k + 1) * rows]
+    return dense.movedim((0, 1), (ax.within, ax.axis))
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -102,6 +126,7 @@ def weight_matching(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Ma
     params = {k for k, _ in model.named_parameters()}
     dev = torch.device(device) if device is not None else next(iter(theta_b.values())).device
     prob = _Problem(spec, params, theta_a, theta_b, dev, dtype)
+    order = steps(prob.groups)
     gen = torch.Generator().manual_seed(seed)
     objective = [prob.objective()]
     cost_s = assign_s = 0.0
@@ -109,22 +134,24 @@ def weight_matching(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Ma
     while improved and sweeps < max_iter:
         sweeps += 1
         improved = False
-        for i in torch.randperm(len(prob.groups), generator=gen).tolist():
-            g = prob.groups[i]
+        for i in torch.randperm(len(order), generator=gen).tolist():
+            groups = order[i]
             t0 = time.perf_counter()
-            c = prob.cost(g).cpu().numpy()
+            costs = [prob.cost(g).cpu().numpy() for g in groups]
             t1 = time.perf_counter()
-            _, col = linear_sum_assignment(c, maximize=True)
+            cols = assign(costs, groups[0].blocks)
             t2 = time.perf_counter()
             cost_s, assign_s = cost_s + t1 - t0, assign_s + t2 - t1
-            rows, old = np.arange(g.size), prob.perms[g.name].cpu().numpy()
-            gain = float(c[rows, col].sum() - c[rows, old].sum())
-            tol = 1e-12 * (float(np.abs(c[rows, old]).sum()) + 1e-30)
-            new = torch.as_tensor(col, dtype=torch.long, device=dev)
-            if gain > tol and prob.self_coupled(g):  # the linear gain is only an estimate there
-                gain = prob.exact_gain(g, new)
+            gain = tol = 0.0
+            for g, c, col in zip(groups, costs, cols):
+                rows, old = np.arange(g.size), prob.perms[g.name].cpu().numpy()
+                gain += float(c[rows, col].sum() - c[rows, old].sum())
+                tol += 1e-12 * (float(np.abs(c[rows, old]).sum()) + 1e-30)
+            new = [torch.as_tensor(col, dtype=torch.long, device=dev) for col in cols]
+            if gain > tol and prob.coupled(groups):  # the linear gain is only an estimate there
+                gain = prob.exact_gain(groups, new)
             if gain > tol:
-                prob.set(g, new)
+                prob.set(groups, new)
                 improved = True
         objective.append(prob.objective())
     perms = {g.name: torch.arange(g.size) for g in spec.groups} | {k: v.cpu() for k, v in prob.perms.items()}
