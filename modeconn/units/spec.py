@@ -171,10 +171,11 @@ class UnitSpec:
         return out
 
     def coverage(self, params: nn.Module | Mapping[str, Tensor]) -> float:
-        """Fraction of the parameter entries (of ``model.named_parameters()``, tied ones once) that lie
-        in tensors some group permutes; 1.0 for a model without parameters."""
+        """Fraction of the parameter entries (of ``model.named_parameters()``, tied ones once) that the spec
+        accounts for: tensors some group permutes, and the output layer's (its units are the model's
+        outputs, which never move); 1.0 for a model without parameters."""
         items = params.named_parameters() if isinstance(params, nn.Module) else params.items()
-        keys = self.keys()
+        keys = self.keys() | set(self.output)
         total = hit = 0
         for name, p in items:
             total += p.numel()
