@@ -1,11 +1,11 @@
 """One solution per seed: resumable, NaN-safe training of a plain ``nn.Module``.
 
-``train(model, data, cfg, seed, checkpoint_path=...)`` trains with SGD or Adam and a per-epoch learning
-rate schedule (:func:`lr_at`), writes ``<checkpoint_path>.resume.pt`` after every epoch (model,
-optimizer, epoch, shuffling/augmentation generator and torch RNG state) so that an interrupted run
-continues where it stopped and ends with bitwise the same weights on the CPU, and finally saves the
-checkpoint with :func:`modeconn.checkpoint.save_checkpoint`. A finished checkpoint is never
-overwritten: calling ``train`` again loads it and returns its metrics.
+``train(model, data, cfg, seed, checkpoint_path=...)`` runs :class:`EndpointStep` (cross-entropy of the
+model on a batch) on the one training loop, :class:`modeconn.loop.Loop`: SGD or Adam, a per-epoch learning
+rate schedule (:func:`lr_at`), ``<checkpoint_path>.resume.pt`` after every epoch (model, optimizer, epoch
+and RNG states) so that an interrupted run continues where it stopped and ends with bitwise the same
+weights on the CPU. At the end the checkpoint is saved with :func:`modeconn.checkpoint.save_checkpoint`.
+A finished checkpoint is never overwritten: calling ``train`` again loads it and returns its metrics.
 
 The model is *not* re-initialised here: build it under ``torch.manual_seed(seed)`` for a
 seed-determined initialisation.
@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +28,9 @@ from torch import nn
 
 from modeconn import data as mdata
 from modeconn.batchnorm import has_batchnorm, recompute_statistics
-from modeconn.checkpoint import (
-    CheckpointMismatchError,
-    atomic_torch_save,
-    describe_mismatch,
-    fingerprint,
-    load_checkpoint,
-    read_meta,
-    save_checkpoint,
-)
+from modeconn.checkpoint import fingerprint, load_checkpoint, read_meta, save_checkpoint
+from modeconn.checks import check_model_data
+from modeconn.loop import OPTIMIZERS, SCHEDULES, Loop, NonFiniteLossError, Resume, Schedule, make_optimizer, resume_path
 
 __all__ = [
     "TrainConfig",
@@ -51,14 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "step", "cosine", "garipov")
-_RESUME_FORMAT = 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training batch produced a NaN or infinite loss (the run diverged)."""
-
+_RESUME_FORMAT = "modeconn.train/2"
 
 BN_ITEMS = 2048  # training inputs for BatchNorm statistics; the evaluator's default bn_items
 
@@ -116,6 +103,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def lr_schedule(self) -> Schedule:
+        """The per-epoch learning rate these settings ask for."""
+        return Schedule(self.schedule, self.lr, self.epochs, self.step_size, self.gamma)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Build from a mapping (e.g. an OmegaConf node); unknown keys raise ``ValueError``."""
@@ -128,41 +119,8 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, epoch: float) -> float:
-    """The learning rate at (fractional) epoch ``epoch`` (0 = start of training).
-
-    * ``constant``: ``lr``;
-    * ``step``: ``lr * gamma ** floor(epoch / step_size)``;
-    * ``cosine``: ``lr * (1 + cos(pi * epoch / epochs)) / 2``;
-    * ``garipov`` (Garipov et al. 2018): with ``t = epoch / epochs``, ``lr`` for ``t <= 0.5``, then
-      linearly down to ``0.01 * lr`` at ``t = 0.9``, then ``0.01 * lr``.
-
-    ``train`` sets it at the start of every epoch (``epoch`` = the 0-based epoch index), as the
-    reference implementation does.
-    """
-    epoch = max(float(epoch), 0.0)
-    if cfg.schedule == "constant":
-        factor = 1.0
-    elif cfg.schedule == "step":
-        factor = cfg.gamma ** math.floor(epoch / cfg.step_size)
-    elif cfg.schedule == "cosine":
-        t = min(epoch / cfg.epochs, 1.0)
-        factor = 0.5 * (1.0 + math.cos(math.pi * t))
-    elif cfg.schedule == "garipov":
-        t = epoch / cfg.epochs
-        if t <= 0.5:
-            factor = 1.0
-        elif t <= 0.9:
-            factor = 1.0 - (t - 0.5) / 0.4 * 0.99
-        else:
-            factor = 0.01
-    else:
-        raise ValueError(f"trainer.schedule must be one of {', '.join(SCHEDULES)}; got {cfg.schedule!r}")
-    return cfg.lr * factor
-
-
-def resume_path(checkpoint_path: str | os.PathLike) -> Path:
-    """The resume file of ``checkpoint_path``: ``<checkpoint_path>.resume.pt``."""
-    return Path(str(os.fspath(checkpoint_path)) + ".resume.pt")
+    """The learning rate of ``cfg`` at (fractional) epoch ``epoch`` (see :class:`modeconn.loop.Schedule`)."""
+    return cfg.lr_schedule().at(epoch)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -209,42 +167,41 @@ def evaluate_model(
 # --------------------------------------------------------------------------- training
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+class EndpointStep:
+    """The step of endpoint (and narrow-network) training: cross-entropy of ``model`` on a batch, in place."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        return loss, {"loss": loss.detach().double() * len(y), "correct": (out.detach().argmax(1) == y).sum()}
+
+    def summary(self, sums: Mapping[str, torch.Tensor], examples: int, steps: int) -> dict[str, float]:
+        return {"loss": sums["loss"].item() / examples, "acc": sums["correct"].item() / examples}
 
 
-def _comparable_config(d: Mapping[str, Any]) -> dict:
-    """Config entries that change the result (``device`` does not)."""
-    return {k: v for k, v in d.items() if k != "device"}
+def _identity(cfg: TrainConfig, seed: int) -> dict:
+    """What makes a training run this run: the seed and every trainer setting but the device."""
+    return {"seed": seed, **{f"trainer.{k}": v for k, v in cfg.to_dict().items() if k != "device"}}
 
 
-def _check_same_run(what: str, path: Path, saved_cfg: Any, saved_seed: Any, cfg: TrainConfig, seed: int) -> None:
-    ours = _comparable_config(cfg.to_dict())
-    theirs = _comparable_config(saved_cfg) if isinstance(saved_cfg, Mapping) else None
-    diffs = []
-    if saved_seed is not None and saved_seed != seed:
-        diffs.append(f"seed {saved_seed} vs {seed}")
-    if theirs is not None:
-        for k in ours:
-            if k in theirs and theirs[k] != ours[k]:
-                diffs.append(f"trainer.{k} {theirs[k]!r} vs {ours[k]!r}")
+def _check_same_run(path: Path, saved: Mapping[str, Any], cfg: TrainConfig, seed: int) -> None:
+    theirs = {"seed": saved.get("seed"), **{f"trainer.{k}": v for k, v in (saved.get("config") or {}).items()}}
+    diffs = [f"{k} {theirs[k]!r} vs {v!r}" for k, v in _identity(cfg, seed).items()
+             if theirs.get(k) is not None and theirs[k] != v]
     if diffs:
         raise ValueError(
-            f"{what} {path} belongs to a different run ({'; '.join(diffs)}; saved vs requested). "
+            f"finished checkpoint {path} belongs to a different run ({'; '.join(diffs)}; saved vs requested). "
             "Use another checkpoint path, or delete the file to start over."
         )
-
-
-def _is_reiterable(data: Any) -> bool:
-    if isinstance(data, mdata.Dataset) or mdata._is_pair(data):
-        return True
-    try:
-        return iter(data) is not data
-    except TypeError:
-        return False
 
 
 def train(
@@ -261,11 +218,12 @@ def train(
     """Train ``model`` in place on ``data`` and return ``{train_loss, train_acc, test_loss, test_acc,
     epochs}`` (final values in eval mode; the ``test_*`` ones are ``None`` without test data).
 
-    ``data``: a ``modeconn.data.Dataset`` (its train split is shuffled with a ``torch.Generator``
-    seeded by ``seed`` and augmented when the dataset asks for it; its test split gives the test
-    metrics), an ``(inputs, targets)`` pair (shuffled, not augmented) or a re-iterable of batches
-    (used as given). ``eval_data`` (a Dataset, whose test split is used, a pair or batches) gives the
-    test metrics instead.
+    ``data``: a ``modeconn.data.Dataset`` (its train split is shuffled by the loop's generator seeded
+    with ``seed`` and augmented when the dataset asks for it; its test split gives the test metrics), an
+    ``(inputs, targets)`` pair (shuffled, not augmented) or a re-iterable of batches (used as given).
+    ``eval_data`` (a Dataset, whose test split is used, a pair or batches) gives the test metrics
+    instead. Dropout draws from torch's global RNG seeded with ``seed`` for the run only
+    (:func:`modeconn.loop.global_rng`): the caller's RNG state is left as it was.
 
     With ``checkpoint_path``: ``<checkpoint_path>.resume.pt`` is written after every epoch and picked
     up by a later call (bitwise-identical final weights on the CPU); at the end the checkpoint and its
@@ -278,6 +236,7 @@ def train(
     cfg.validate()
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer; got {seed!r}")
+    check_model_data(model, data)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     resume = resume_path(ckpt) if ckpt is not None else None
     device = mdata.resolve_device(cfg.device)
@@ -286,7 +245,7 @@ def train(
     if ckpt is not None:
         saved = read_meta(ckpt)
         if saved is not None and saved.get("finished"):
-            _check_same_run("finished checkpoint", ckpt, saved.get("config"), saved.get("seed"), cfg, seed)
+            _check_same_run(ckpt, saved, cfg, seed)
             state, saved = load_checkpoint(ckpt, model)
             model.load_state_dict(state)
             model.to(device)
@@ -295,102 +254,17 @@ def train(
                 resume.unlink()
             return dict(saved["metrics"])
 
-    if not _is_reiterable(data) and cfg.epochs > 1:
-        raise TypeError(
-            f"data is a one-shot iterator ({type(data).__name__}) but trainer.epochs={cfg.epochs}; "
-            "pass a Dataset, an (inputs, targets) pair or a re-iterable (e.g. a list) of batches"
-        )
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
     model.to(device)
-    optimizer = _make_optimizer(model, cfg)
-    start_epoch, history = 0, []
-
-    if resume is not None and resume.exists():
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        if state.get("format") != _RESUME_FORMAT:
-            raise ValueError(f"resume file {resume} has an unknown format; delete it to start over")
-        _check_same_run("resume file", resume, state.get("config"), state.get("seed"), cfg, seed)
-        saved_fp, fp = state.get("fingerprint"), fingerprint(model)
-        if saved_fp is not None and saved_fp.get("digest") != fp["digest"]:
-            raise CheckpointMismatchError(
-                f"resume file {resume} was made for a different architecture than the config's model: "
-                + describe_mismatch(fp, saved_fp)
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
-        start_epoch = int(state["epoch"])
-        history = list(state.get("history", []))
-        log.info("resuming %s from epoch %d/%d", ckpt, start_epoch, cfg.epochs)
-
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.lr,
+                               cfg.momentum, cfg.weight_decay, key="trainer.optimizer")
+    loop = Loop(EndpointStep(model), optimizer, cfg.lr_schedule(), data, cfg.batch_size, seed, device,
+                augment=True, progress=progress, label=f"train seed {seed}", lr_option="trainer.lr",
+                callbacks=[on_epoch_end] if on_epoch_end is not None else [],
+                resume=None if resume is None else Resume(resume, _RESUME_FORMAT, _identity(cfg, seed),
+                                                          architecture=fingerprint(model)))
+    model.train()
+    history = loop.run()
     is_dataset = isinstance(data, mdata.Dataset)
-    bar = _progress(range(start_epoch, cfg.epochs), start_epoch, cfg.epochs, seed, progress)
-    try:
-        for epoch in bar:
-            lr = lr_at(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            n = 0
-            batches = mdata.iter_batches(
-                data, cfg.batch_size, split="train", shuffle=True, generator=gen, augment=is_dataset, device=device
-            )
-            for i, (x, y) in enumerate(batches):
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                if not torch.isfinite(loss):
-                    if resume is None:
-                        kept = ""
-                    elif epoch > 0:
-                        kept = f" The resume file {resume} still holds the last finished epoch ({epoch})."
-                    else:
-                        kept = " No epoch had finished, so there is no resume file."
-                    raise NonFiniteLossError(
-                        f"training loss became {loss.item()} at epoch {epoch + 1}/{cfg.epochs}, batch {i + 1} "
-                        f"(lr={lr:g}, seed {seed}): the run diverged; lower trainer.lr (e.g. to {cfg.lr / 10:g}) "
-                        f"or use a gentler schedule.{kept}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().double() * len(y)
-                correct += (out.detach().argmax(1) == y).sum()
-                n += len(y)
-            if n == 0:
-                raise ValueError(f"training data yielded no batches in epoch {epoch + 1}")
-            stats = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / n, "acc": correct.item() / n}
-            history.append(stats)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.3f}", lr=f"{lr:.3g}")
-            if resume is not None:
-                atomic_torch_save(
-                    {
-                        "format": _RESUME_FORMAT,
-                        "epoch": epoch + 1,
-                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "optimizer": optimizer.state_dict(),
-                        "generator": gen.get_state(),
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                        "config": cfg.to_dict(),
-                        "seed": seed,
-                        "fingerprint": fingerprint(model),
-                        "history": history,
-                    },
-                    resume,
-                )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, dict(stats))
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()
 
     # ---- BatchNorm statistics recomputed exactly as the path evaluator does at t = 0 and 1, so an
     # endpoint's recorded metrics are the ones its path reproduces; then final metrics in eval mode
@@ -440,11 +314,3 @@ def train(
             f", test loss {test_loss:.4f} acc {test_acc:.4f}" if test_loss is not None else "",
         )
     return metrics
-
-
-def _progress(it: Iterable, initial: int, total: int, seed: int, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, initial=initial, total=total, desc=f"train seed {seed}", unit="epoch", leave=False)

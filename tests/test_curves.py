@@ -159,9 +159,12 @@ def test_free_ends_adam_and_several_t_per_step(digits, mlp_ends):
     assert all(torch.equal(curve(0.0)[k], curve.bends[0][k]) for k in curve.keys())
     with pytest.raises(ValueError, match="num_bends >= 3"):
         fit_curve(build(), a, b, digits, "bezier", 2, epochs=1, progress=False)
-    with pytest.raises(KeyError, match="lack"):
+    with pytest.raises(ValueError, match="do not fit the model"):
         fit_curve(models.build("mlp", (64,), 10, hidden=(32,)), {"x": torch.zeros(1)}, {"x": torch.ones(1)},
                   digits, epochs=1, progress=False)
+    partial = [{k: v for k, v in end.items() if k != "1.weight"} for end in (a, b)]
+    with pytest.raises(KeyError, match=r"lack the model's parameters \['1.weight'\]"):
+        fit_curve(build(), *partial, digits, epochs=1, progress=False)
 
 
 # ---------------------------------------------------------------------------------- checkpointing
@@ -202,30 +205,33 @@ def test_resume_continues_identically_and_a_finished_curve_is_loaded(tmp_path, d
     assert stored.kind == "bezier" and stored.info["epochs_done"] == 4
     assert all(torch.equal(stored.bends[2][k], whole.bends[2][k]) for k in stored.bends[2])
     # another run's settings or endpoints are refused
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"different run \(lr 0.05 vs 0.1"):
         fit_curve(build(), a, b, digits, checkpoint_path=tmp_path / "whole.pt", **{**kw, "lr": 0.1})
-    with pytest.raises(ValueError, match="other endpoints"):
+    with pytest.raises(ValueError, match=r"different run \(endpoints '[0-9a-f]+' vs"):
         fit_curve(build(), b, a, digits, checkpoint_path=tmp_path / "whole.pt", **kw)
 
 
-class _NaNOnSecondPass:
-    """Re-iterable batches whose inputs turn NaN from the second epoch on."""
+class _Poisonable:
+    """Re-iterable batches whose inputs turn NaN once ``poisoned`` is set."""
 
     def __init__(self, x, y):
-        self.x, self.y, self.passes = x, y, 0
+        self.x, self.y, self.poisoned = x, y, False
 
     def __iter__(self):
-        self.passes += 1
-        x = self.x if self.passes == 1 else torch.full_like(self.x, float("nan"))
+        x = torch.full_like(self.x, float("nan")) if self.poisoned else self.x
         return iter([(x[i:i + 256], self.y[i:i + 256]) for i in range(0, len(x), 256)])
 
 
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path, digits, mlp_ends):
     build, a, b = mlp_ends
     ckpt = tmp_path / "curve.pt"
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2 .*last good checkpoint \(epoch 1\)"):
-        fit_curve(build(), a, b, _NaNOnSecondPass(digits.x_train, digits.y_train), epochs=3, checkpoint_path=ckpt,
-                  device="cpu", progress=False)
+    data = _Poisonable(digits.x_train, digits.y_train)
+
+    def poison(epoch, record):
+        data.poisoned = True
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2/3, batch 1 .*still holds the last finished epoch \(1\)"):
+        fit_curve(build(), a, b, data, epochs=3, checkpoint_path=ckpt, device="cpu", progress=False, callback=poison)
     kept = load_curve(ckpt)
     assert kept.info["epochs_done"] == 1 and all(torch.isfinite(v).all() for v in kept.bends[1].values())
 

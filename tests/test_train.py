@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from modeconn import data as mdata
-from modeconn.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta
+from modeconn import models
+from modeconn.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, safe_load
+from modeconn.loop import Loop
+from modeconn.paths import fit_curve, narrow_path
 from modeconn.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -242,7 +245,7 @@ def test_nan_loss_raises_and_keeps_last_resume_file(tmp_path, synthetic):
     assert resume_path(path).stat().st_mtime_ns == snapshot.pop("mtime")
     saved = torch.load(resume_path(path), weights_only=True)
     assert saved["epoch"] == 2
-    assert all(torch.equal(saved["model"][k], v) for k, v in snapshot.items())
+    assert all(torch.equal(saved["state"][k], v) for k, v in snapshot.items())
     assert sorted(os.listdir(tmp_path)) == ["run.pt.resume.pt"]  # no temp files
 
 
@@ -301,3 +304,96 @@ def test_config_defaults_valid_and_from_dict():
 def test_train_validates_config(synthetic):
     with pytest.raises(ValueError, match="trainer.optimizer"):
         train(make_mlp(0), synthetic, cfg(optimizer="rmsprop"), seed=0, progress=False)
+
+
+# --------------------------------------------------------------------------- the one loop: all three trainings
+
+
+def _endpoint_run(data, path):
+    model = make_mlp(0)
+
+    def run():
+        train(model, data, cfg(epochs=4), seed=0, checkpoint_path=path, progress=False)
+        return model.state_dict()
+    return run
+
+
+def _curve_run(data, path):
+    a, b, model = make_mlp(0).state_dict(), make_mlp(1).state_dict(), make_mlp(2)
+
+    def run():
+        curve = fit_curve(model, a, b, data, "bezier", 4, epochs=4, batch_size=32, t_per_step=2, device="cpu",
+                          checkpoint_path=path, progress=False)  # dropout in the model: the global RNG matters
+        return {f"{i}.{k}": v for i, bend in enumerate(curve.bends) for k, v in bend.items()}
+    return run
+
+
+def _narrow_run(data, path):
+    def build(seed):
+        torch.manual_seed(seed)
+        return models.build("mlp", (16,), 4, hidden=(16, 16), dropout=0.1)
+    model, a, b = build(2), build(0).state_dict(), build(1).state_dict()
+
+    def run():
+        made = narrow_path(model, a, b, data, p=0.75, seed=0, trainer={"epochs": 4, "batch_size": 32, "device": "cpu"},
+                           checkpoint_path=path, device="cpu", progress=False)
+        return made.points(made.knots)
+    return run
+
+
+TRAININGS = {"endpoint": _endpoint_run, "curve": _curve_run}
+
+
+@pytest.mark.parametrize("kind", list(TRAININGS))
+def test_every_training_resumes_bitwise_and_leaves_the_callers_rng_alone(tmp_path, monkeypatch, caplog, synthetic,
+                                                                         kind):
+    """Endpoint, curve and narrow-network training all run on the one loop: interrupted after epoch 2 and
+    resumed, each ends bit for bit where an uninterrupted run does; none touches the caller's RNG."""
+    prepare = TRAININGS[kind]
+    run = prepare(synthetic, tmp_path / "whole.pt")
+    torch.manual_seed(123)
+    caller = torch.get_rng_state()
+    whole = run()
+    assert torch.equal(torch.get_rng_state(), caller)  # nothing reseeded (or drew from) the caller's RNG
+
+    stop_at = {"epoch": 2}
+    plain_init = Loop.__init__
+
+    def interrupt(epoch, record):
+        if epoch == stop_at["epoch"]:
+            raise Interrupt
+
+    def init(self, *args, **kwargs):  # every loop gets a callback that interrupts it after epoch 2
+        plain_init(self, *args, **kwargs)
+        self.callbacks.append(interrupt)
+
+    monkeypatch.setattr(Loop, "__init__", init)
+    with pytest.raises(Interrupt):
+        prepare(synthetic, tmp_path / "cut.pt")()
+    stop_at["epoch"] = None
+    with caplog.at_level("INFO", logger="modeconn.loop"):
+        resumed = prepare(synthetic, tmp_path / "cut.pt")()
+    assert "resumed from epoch 2 of 4" in caplog.text
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_resume_files_hold_only_weights_only_content(tmp_path, synthetic):
+    path = tmp_path / "run.pt"
+
+    def stop(epoch, stats):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(make_mlp(0), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False, on_epoch_end=stop)
+    saved = safe_load(resume_path(path), what="resume file")
+    assert saved["epoch"] == 1 and set(saved["rng"]) == {"generators", "global", "cuda"}
+    assert saved["identity"]["seed"] == 0 and saved["identity"]["trainer.lr"] == 0.05
+    # a file of another kind at the resume path is refused with the way out
+    torch.save({"format": 1, "epoch": 1}, resume_path(path))
+    with pytest.raises(ValueError, match=r"is not a modeconn.train/2 file .*delete .* to start that step over"):
+        train(make_mlp(0), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False)
+
+
+def test_data_without_batches_is_refused():
+    with pytest.raises(ValueError, match="yielded no batches in epoch 1"):
+        train(make_mlp(0), [], cfg(epochs=2), seed=0, progress=False)

@@ -17,9 +17,10 @@ statistics are recomputed at every evaluated t by :func:`modeconn.evaluate.evalu
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path as FilePath
 
@@ -27,20 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from modeconn.batchnorm import has_batchnorm
-from modeconn.checkpoint import atomic_torch_save
-from modeconn.data import Dataset, iter_batches, resolve_device
-from modeconn.paths.base import Path, State, as_times, check_compatible, float_state
-from modeconn.train import SCHEDULES, NonFiniteLossError, TrainConfig, lr_at
+from modeconn.checkpoint import safe_load
+from modeconn.data import resolve_device
+from modeconn.loop import OPTIMIZERS, SCHEDULES, Loop, Resume, Schedule, make_optimizer
+from modeconn.paths.base import Path, State, as_times, check_compatible, check_endpoints, float_state
 
 KINDS = ("bezier", "polychain")
-CHECKPOINT_FORMAT = "modeconn.curve/1"
-
-# Settings that must match for a checkpoint to be resumed (they change the trained curve).
-_RESUME_KEYS = ("kind", "num_bends", "epochs", "lr", "wd", "batch_size", "momentum", "optimizer", "schedule",
-                "t_per_step", "fixed_ends", "augment", "seed")
+CHECKPOINT_FORMAT = "modeconn.curve/2"
 
 
 # ------------------------------------------------------------------------------------------- basis
@@ -153,31 +149,183 @@ class CurvePath(Path):
 
 def load_curve(checkpoint_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CurvePath:
     """The curve stored in a :func:`fit_curve` checkpoint (finished or not; ``info`` says how far)."""
-    ckpt = torch.load(os.fspath(checkpoint_path), map_location=map_location, weights_only=False)
+    ckpt = safe_load(checkpoint_path, what="curve checkpoint", map_location=map_location, restart_hint=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{checkpoint_path} is not a modeconn curve checkpoint")
-    info = _info(ckpt["settings"], ckpt["history"], ckpt["epoch"])
-    return CurvePath(ckpt["bends"], ckpt["settings"]["kind"], info=info)
+        raise ValueError(f"curve checkpoint {checkpoint_path} is not a {CHECKPOINT_FORMAT} file; delete "
+                         f"{checkpoint_path} to start that step over")
+    return CurvePath(ckpt["bends"], ckpt["settings"]["kind"], info=_info(ckpt["settings"], ckpt["history"]))
 
 
 # ------------------------------------------------------------------------------------------- training
 
-def _lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
-    """The learning rate of ``epoch`` (0-based) of ``epochs`` under ``schedule`` (the trainer's schedules)."""
-    return float(lr_at(TrainConfig(lr=lr, epochs=epochs, schedule=schedule), epoch))
+def _info(settings: dict, history: Sequence[Mapping[str, float]]) -> dict:
+    """A curve's ``info``: its settings, epochs done and one list per recorded quantity."""
+    return {"settings": dict(settings), "epochs_done": len(history),
+            **{k: [h[k] for h in history] for k in ("train_loss", "regularizer", "lr", "seconds")}}
 
 
-def _info(settings: dict, history: dict, epoch: int) -> dict:
-    return {"settings": dict(settings), "epochs_done": int(epoch), **{k: list(v) for k, v in history.items()}}
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _digest(flat: Tensor) -> list[float]:
-    f = flat.detach().double()
-    return [float(f.sum()), float(f.abs().sum()), float(torch.linalg.vector_norm(f))]
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _same_digest(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
+def check_curve_options(kind="bezier", num_bends=3, epochs=30, lr=0.05, wd=1e-4, batch_size=128, momentum=0.9,
+                        optimizer="sgd", schedule="garipov", t_per_step=1, fixed_ends=True, augment=True, seed=0,
+                        **_) -> dict:
+    """:func:`fit_curve`'s option checks (the CLI runs them on a config before any training); returns the
+    checked settings, which identify a curve checkpoint. Raises ``ValueError`` naming the option."""
+    if not _integer(num_bends):
+        raise ValueError(f"num_bends must be an integer; got {num_bends!r}")
+    kind = _check_kind(kind, num_bends)
+    if fixed_ends and num_bends < 3:
+        raise ValueError(f"with fixed endpoints a curve needs num_bends >= 3 to have anything to train; got "
+                         f"num_bends={num_bends}")
+    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("t_per_step", t_per_step, 1)):
+        if not (_integer(value) and value >= low):
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    if not _integer(seed):
+        raise ValueError(f"seed must be an integer; got {seed!r}")
+    if not (_real(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
+    if not (_real(wd) and wd >= 0):
+        raise ValueError(f"wd must be a number >= 0; got {wd!r}")
+    if not (_real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be a number in [0, 1); got {momentum!r}")
+    optimizer = str(optimizer).lower()
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    return {"kind": kind, "num_bends": int(num_bends), "epochs": int(epochs), "lr": float(lr), "wd": float(wd),
+            "batch_size": int(batch_size), "momentum": float(momentum), "optimizer": optimizer,
+            "schedule": str(schedule), "t_per_step": int(t_per_step), "fixed_ends": bool(fixed_ends),
+            "augment": bool(augment), "seed": int(seed)}
+
+
+class _FlatCurve:
+    """A curve over a model's parameters as flat vectors: the endpoints ``flat_a``/``flat_b`` ``[D]`` and the
+    trained tensor ``free``.
+
+    With fixed ends, ``free[k-1]`` is interior bend k's offset from the straight line (w_k = line_k +
+    free[k-1]; Bernstein and hat bases reproduce the line, so phi(t) = lerp(a, b, t) + sum_interior c_k(t)
+    free[k-1]); with free ends, ``free`` holds all bends themselves. Float buffers are carried on the
+    straight line, never trained.
+    """
+
+    def __init__(self, model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
+                 kind: str, num_bends: int, fixed_ends: bool, device: torch.device) -> None:
+        a, b = float_state(theta_a), float_state(theta_b)
+        check_compatible(a, b)
+        self.names = [name for name, _ in model.named_parameters()]
+        missing = [k for k in self.names if k not in a]
+        if missing:
+            raise KeyError(f"the endpoints lack the model's parameters {missing[:5]}: were they saved from this "
+                           "model?")
+        dtypes = {a[k].dtype for k in self.names}
+        if len(dtypes) != 1:
+            raise TypeError(f"fit_curve needs parameters of one floating dtype; got {sorted(map(str, dtypes))}")
+        (self.dtype,) = dtypes
+        self.a, self.b, self.kind, self.n, self.fixed_ends, self.device = a, b, kind, num_bends, fixed_ends, device
+        self.shapes = [a[k].shape for k in self.names]
+        self.sizes = [a[k].numel() for k in self.names]
+        self.home = a[self.names[0]].device
+        self.flat_a = torch.cat([a[k].reshape(-1) for k in self.names]).to(device)
+        self.flat_b = torch.cat([b[k].reshape(-1) for k in self.names]).to(device)
+        self.free_rows = list(range(1, num_bends - 1)) if fixed_ends else list(range(num_bends))
+        if fixed_ends:
+            self.free = torch.zeros(num_bends - 2, self.flat_a.numel(), dtype=self.dtype, device=device)
+        else:
+            self.free = torch.stack([self._line(r) for r in self.free_rows])
+        self.free.requires_grad_(True)
+
+    def _line(self, r: int) -> Tensor:
+        return torch.lerp(self.flat_a, self.flat_b, r / (self.n - 1))
+
+    def endpoints_digest(self) -> str:
+        """A sha256 of the endpoints' exact values (identifies the curve a checkpoint belongs to)."""
+        h = hashlib.sha256()
+        for flat in (self.flat_a, self.flat_b):
+            h.update(flat.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def params(self, flat: Tensor) -> dict[str, Tensor]:
+        """A flat point ``[D]`` as views shaped like the model's parameters."""
+        return {k: v.view(s) for k, v, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def bends(self) -> list[State]:
+        """Every bend as a state dict over the endpoints' floating keys (on the endpoints' device)."""
+        free = self.free.detach()
+        rows = {r: free[i] for i, r in enumerate(self.free_rows)}
+        extra = [k for k in self.a if k not in set(self.names)]
+        out: list[State] = []
+        for r in range(self.n):
+            if r not in rows:
+                out.append(self.a if r == 0 else self.b)
+                continue
+            row = rows[r] + self._line(r) if self.fixed_ends else rows[r]
+            bend = {k: p.view(s).clone() for k, p, s in zip(self.names, row.to(self.home).split(self.sizes),
+                                                            self.shapes)}
+            bend.update({k: torch.lerp(self.a[k], self.b[k], r / (self.n - 1)) for k in extra})
+            out.append({k: bend[k] for k in self.a})  # the endpoints' key order
+        return out
+
+    def points(self, t: Sequence[float]) -> Tensor:
+        """phi at the times ``t``: ``[D]`` for one t, ``[len(t), D]`` otherwise (cheapest ops for each case)."""
+        m, n, dtype, dev, free = len(t), self.n, self.dtype, self.device, self.free
+        rows = [coefficient_row(self.kind, n, ti) for ti in t]
+        if not self.fixed_ends:
+            c = torch.tensor(rows, dtype=dtype).to(dev, non_blocking=True)
+            return (c @ free).view(-1) if m == 1 else c @ free
+        if m == 1:
+            base = torch.lerp(self.flat_a, self.flat_b, t[0])
+            if n == 3:
+                return base.add_(free.view(-1), alpha=rows[0][1])  # in place: one buffer less
+            c = torch.tensor([r[1:-1] for r in rows], dtype=dtype).to(dev, non_blocking=True)
+            return torch.addmm(base.unsqueeze(0), c, free).view(-1)
+        w = torch.tensor(t, dtype=dtype).to(dev, non_blocking=True).unsqueeze(1)
+        c = torch.tensor([r[1:-1] for r in rows], dtype=dtype).to(dev, non_blocking=True)
+        return torch.addmm(torch.lerp(self.flat_a.unsqueeze(0), self.flat_b.unsqueeze(0), w), c, free)
+
+
+class CurveStep:
+    """The step of curve training: cross-entropy at ``t_per_step`` stratified t, t_j = (j + u_j) / m with
+    u_j ~ U(0, 1) drawn from ``t_gen``, plus ``0.5 * wd * ||phi(t)||^2`` (mean over the points)."""
+
+    def __init__(self, model: nn.Module, curve: _FlatCurve, t_per_step: int, wd: float, t_gen: torch.Generator,
+                 ) -> None:
+        self.model, self.curve, self.m, self.t_gen = model, curve, int(t_per_step), t_gen
+        self.decay = float(wd) / self.m
+        self.buffers = {k: v.detach().clone().to(curve.device) for k, v in model.named_buffers()}
+
+    def state(self) -> dict[str, Tensor]:
+        return {"free": self.curve.free}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.curve.free.copy_(state["free"])
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        m, decay = self.m, self.decay
+        u = torch.rand(m, generator=self.t_gen, dtype=torch.float64).tolist()
+        phi = self.curve.points([(j + uj) / m for j, uj in enumerate(u)])
+        flat = phi.detach()
+        # 0.5 * wd * ||phi||^2 (mean over the m points): its gradient wd * phi / m is added to phi's
+        # gradient by a hook (one fused op) instead of differentiating the square; the value is reported.
+        with torch.no_grad():
+            reg = (0.5 * decay) * (torch.dot(flat, flat) if m == 1 else (flat * flat).sum())
+        if decay:
+            phi.register_hook(lambda g: g.add(flat, alpha=decay))
+        ce = 0.0
+        for p in (phi,) if m == 1 else phi.unbind(0):
+            ce = ce + F.cross_entropy(functional_call(self.model, (self.curve.params(p), self.buffers), (x,)), y)
+        ce = ce / m
+        return ce, {"ce": ce.detach().double() * len(y), "reg": reg.double()}
+
+    def summary(self, sums: Mapping[str, Tensor], examples: int, steps: int) -> dict[str, float]:
+        return {"train_loss": float(sums["ce"]) / examples, "regularizer": float(sums["reg"]) / steps}
 
 
 def fit_curve(
@@ -216,232 +364,45 @@ def fit_curve(
     (m = 1: t ~ U(0, 1) as in the reference), and minimises the mean over them of cross-entropy +
     ``0.5 * wd * ||phi(t)||^2`` (the regulariser over the parameters; each t costs one forward/backward).
     SGD (momentum ``momentum``) or ``optimizer="adam"``; learning rate ``lr`` under ``schedule``
-    (``"garipov"``: flat to 50% of the epochs, linear decay to 1% by 90%; any schedule of
-    :func:`modeconn.train.lr_at`).
+    (``"garipov"``: flat to 50% of the epochs, linear decay to 1% by 90%; any :class:`modeconn.loop.Schedule`).
+    The training runs on :class:`modeconn.loop.Loop` (t from its generator seeded with ``seed``, shuffling
+    from one seeded with ``seed + 1``, dropout from the global RNG seeded with ``seed`` inside the loop only).
 
     ``checkpoint_path``: after every epoch the bends, optimiser state, epoch, history and RNG states are
-    saved atomically; calling again with the same path resumes (bit for bit on CPU) or, for a finished
-    curve, loads it without training. A non-finite epoch loss raises ``modeconn.train.NonFiniteLossError``
-    and keeps the last good checkpoint. ``callback(epoch, record)`` runs after each epoch (1-based
-    ``epoch``, after saving).
+    saved atomically (weights-only content); calling again with the same path resumes (bit for bit on
+    CPU, logging "resumed from epoch N") or, for a finished curve, loads it without training; a checkpoint
+    of other settings or endpoints is refused. A non-finite loss raises
+    ``modeconn.train.NonFiniteLossError`` and keeps the last good checkpoint. ``callback(epoch, record)``
+    runs after each epoch (1-based ``epoch``, after saving).
 
     Returns a :class:`CurvePath` (``name`` = kind) whose ``info`` holds per-epoch ``train_loss`` (mean
     cross-entropy), ``regularizer`` (mean 0.5 wd ||phi(t)||^2), ``lr``, ``seconds`` and ``settings``.
     """
-    kind = _check_kind(kind, num_bends)
-    n = int(num_bends)
-    m = int(t_per_step)
-    if fixed_ends and n < 3:
-        raise ValueError("with fixed endpoints a curve needs num_bends >= 3 to have anything to train")
-    if m < 1:
-        raise ValueError(f"t_per_step must be at least 1; got {t_per_step}")
-    if int(epochs) < 0 or int(batch_size) < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1; got {epochs}, {batch_size}")
-    optimizer = str(optimizer).lower()
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {optimizer!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
-    settings = {"kind": kind, "num_bends": n, "epochs": int(epochs), "lr": float(lr), "wd": float(wd),
-                "batch_size": int(batch_size), "momentum": float(momentum), "optimizer": optimizer,
-                "schedule": str(schedule), "t_per_step": m, "fixed_ends": bool(fixed_ends),
-                "augment": bool(augment), "seed": int(seed)}
-
-    # ---- endpoints as flat vectors over the model's parameters
-    a, b = float_state(theta_a), float_state(theta_b)
-    check_compatible(a, b)
-    names = [name for name, _ in model.named_parameters()]
-    missing = [k for k in names if k not in a]
-    if missing:
-        raise KeyError(f"the endpoints lack the model's parameters {missing[:5]}: were they saved from this model?")
-    dtypes = {a[k].dtype for k in names}
-    if len(dtypes) != 1:
-        raise TypeError(f"fit_curve needs parameters of one floating dtype; got {sorted(map(str, dtypes))}")
-    (dtype,) = dtypes
-    shapes = [a[k].shape for k in names]
-    sizes = [a[k].numel() for k in names]
-    home = a[names[0]].device
+    settings = check_curve_options(kind, num_bends, epochs, lr, wd, batch_size, momentum, optimizer, schedule,
+                                   t_per_step, fixed_ends, augment, seed)
+    check_endpoints(theta_a, theta_b, model, data)
     dev = resolve_device(device)
-    flat_a = torch.cat([a[k].reshape(-1) for k in names]).to(dev)
-    flat_b = torch.cat([b[k].reshape(-1) for k in names]).to(dev)
-    digest = {"a": _digest(flat_a), "b": _digest(flat_b)}
-    # Trained tensor ``free``: with fixed ends, the interior bends' offsets from the straight line
-    # (w_k = line_k + free[k-1]; Bernstein and hat bases reproduce the line, so phi(t) = lerp(a, b, t) +
-    # sum_interior c_k(t) free[k-1]); with free ends, all bends themselves.
-    free_rows = list(range(1, n - 1)) if fixed_ends else list(range(n))
-    extra = [k for k in a if k not in set(names)]  # float buffers: carried on the straight line, never trained
-
-    def bends_from(free: Tensor) -> list[State]:
-        rows = {r: free[i].detach() for i, r in enumerate(free_rows)}
-        out: list[State] = []
-        for r in range(n):
-            if r not in rows:
-                out.append(a if r == 0 else b)
-                continue
-            row = rows[r] + torch.lerp(flat_a, flat_b, r / (n - 1)) if fixed_ends else rows[r]
-            pieces = row.to(home).split(sizes)
-            bend = {k: p.view(s).clone() for k, p, s in zip(names, pieces, shapes)}
-            bend.update({k: torch.lerp(a[k], b[k], r / (n - 1)) for k in extra})
-            out.append({k: bend[k] for k in a})  # the endpoints' key order
-        return out
-
-    # ---- resume or start
+    curve = _FlatCurve(model, theta_a, theta_b, settings["kind"], settings["num_bends"], settings["fixed_ends"], dev)
     ckpt_file = FilePath(checkpoint_path) if checkpoint_path is not None else None
-    ckpt = None
-    if ckpt_file is not None and ckpt_file.exists():
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_file} exists but is not a modeconn curve checkpoint")
-        diff = [f"{k}: {ckpt['settings'].get(k)!r} (checkpoint) vs {settings[k]!r}" for k in _RESUME_KEYS
-                if ckpt["settings"].get(k) != settings[k]]
-        if diff:
-            raise ValueError(f"{ckpt_file} was written with other settings ({'; '.join(diff)}); "
-                             "delete it or pass another checkpoint_path")
-        if not (_same_digest(ckpt["digest"]["a"], digest["a"]) and _same_digest(ckpt["digest"]["b"], digest["b"])):
-            raise ValueError(f"{ckpt_file} was written for other endpoints; delete it or pass another checkpoint_path")
-    history: dict[str, list[float]] = {"train_loss": [], "regularizer": [], "lr": [], "seconds": []}
-    start = 0
-    if ckpt is not None:
-        history = {k: list(v) for k, v in ckpt["history"].items()}
-        start = int(ckpt["epoch"])
-        free = ckpt["free"].to(dev)
-    elif fixed_ends:
-        free = torch.zeros(n - 2, flat_a.numel(), dtype=dtype, device=dev)
-    else:
-        free = torch.stack([torch.lerp(flat_a, flat_b, r / (n - 1)) for r in free_rows])
-    free.requires_grad_(True)
-    resumed_from = start if ckpt is not None else None
-
-    def finish(free: Tensor, epoch: int) -> CurvePath:
-        info = _info(settings, history, epoch)
-        info.update(resumed_from=resumed_from, checkpoint=os.fspath(ckpt_file) if ckpt_file else None)
-        return CurvePath(bends_from(free), kind, info=info)
-
-    if start >= settings["epochs"]:
-        return finish(free, start)
-
-    buffers = {k: v.detach().clone().to(dev) for k, v in model.named_buffers()}
-    if optimizer == "sgd":
-        opt = torch.optim.SGD([free], lr=lr, momentum=momentum)
-    else:
-        opt = torch.optim.Adam([free], lr=lr)
-    t_gen = torch.Generator().manual_seed(int(seed))
-    data_gen = torch.Generator().manual_seed(int(seed) + 1)
-    if isinstance(data, Dataset):
-        data = data.to(dev)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(v) for v in data):
-        data = (data[0].to(dev), data[1].to(dev))
-    skip_singletons = has_batchnorm(model)
-    cuda = dev.type == "cuda"
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-    decay = float(wd) / m
-
-    def point(t: list[float]) -> Tensor:
-        """phi at the m times ``t``: ``[D]`` for one t, ``[m, D]`` otherwise (cheapest ops for each case)."""
-        rows = [coefficient_row(kind, n, ti) for ti in t]
-        if not fixed_ends:
-            c = torch.tensor(rows, dtype=dtype).to(dev, non_blocking=True)
-            return (c @ free).view(-1) if m == 1 else c @ free
-        if m == 1:
-            base = torch.lerp(flat_a, flat_b, t[0])
-            if n == 3:
-                return base.add_(free.view(-1), alpha=rows[0][1])  # in place: one buffer less
-            c = torch.tensor([r[1:-1] for r in rows], dtype=dtype).to(dev, non_blocking=True)
-            return torch.addmm(base.unsqueeze(0), c, free).view(-1)
-        w = torch.tensor(t, dtype=dtype).to(dev, non_blocking=True).unsqueeze(1)
-        c = torch.tensor([r[1:-1] for r in rows], dtype=dtype).to(dev, non_blocking=True)
-        return torch.addmm(torch.lerp(flat_a.unsqueeze(0), flat_b.unsqueeze(0), w), c, free)
-
-    def step_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy over m stratified t (with the regulariser's gradient attached) and the
-        regulariser's value."""
-        u = torch.rand(m, generator=t_gen, dtype=torch.float64).tolist()
-        phi = point([(j + uj) / m for j, uj in enumerate(u)])
-        flat = phi.detach()
-        # 0.5 * wd * ||phi||^2 (mean over the m points): its gradient wd * phi / m is added to phi's
-        # gradient by a hook (one fused op) instead of differentiating the square; the value is reported.
-        with torch.no_grad():
-            reg = (0.5 * decay) * (torch.dot(flat, flat) if m == 1 else (flat * flat).sum())
-        if decay:
-            phi.register_hook(lambda g: g.add(flat, alpha=decay))
-        ce = 0.0
-        for p in (phi,) if m == 1 else phi.unbind(0):
-            params = {k: v.view(s) for k, v, s in zip(names, p.split(sizes), shapes)}
-            ce = ce + F.cross_entropy(functional_call(model, (params, buffers), (x,)), y)
-        return ce / m, reg
-
+    resume = None
+    if ckpt_file is not None:
+        resume = Resume(ckpt_file, CHECKPOINT_FORMAT, {**settings, "endpoints": curve.endpoints_digest()},
+                        what="curve checkpoint", extra=lambda: {
+                            "settings": settings,
+                            "bends": [{k: v.detach().cpu() for k, v in b.items()} for b in curve.bends()]})
+    t_gen = torch.Generator().manual_seed(settings["seed"])
+    step = CurveStep(model, curve, settings["t_per_step"], settings["wd"], t_gen)
+    loop = Loop(step, make_optimizer([curve.free], settings["optimizer"], lr, momentum),
+                Schedule(settings["schedule"], settings["lr"], settings["epochs"]), data, batch_size, seed, dev,
+                data_seed=settings["seed"] + 1, generators={"t": t_gen}, augment=augment,
+                skip_singletons=has_batchnorm(model), resume=resume, progress=progress,
+                label=f"curve {settings['kind']}", callbacks=[callback] if callback else [])
     was_training = model.training
-    bar = tqdm(total=settings["epochs"], initial=start, desc=f"curve {kind}", disable=not progress)
-    fork_devices = [dev] if cuda else []
+    model.train()
     try:
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.default_generator.manual_seed(int(seed))  # dropout; the caller's RNG is restored after
-            if cuda:
-                with torch.cuda.device(dev):
-                    torch.cuda.manual_seed(int(seed))
-            if ckpt is not None:
-                rng = ckpt["rng"]
-                t_gen.set_state(rng["t"])
-                data_gen.set_state(rng["data"])
-                torch.set_rng_state(rng["torch"])
-                if cuda and rng.get("cuda") is not None:
-                    torch.cuda.set_rng_state(rng["cuda"], dev)
-            model.train()
-            for epoch in range(start, settings["epochs"]):
-                started = time.perf_counter()
-                lr_now = _lr(schedule, lr, epoch, settings["epochs"])
-                for group in opt.param_groups:
-                    group["lr"] = lr_now
-                ce_sum = torch.zeros((), dtype=torch.float64, device=dev)
-                reg_sum = torch.zeros((), dtype=torch.float64, device=dev)
-                count = steps = 0
-                for x, y in iter_batches(data, batch_size, shuffle=True, generator=data_gen, augment=augment,
-                                         device=dev):
-                    if skip_singletons and len(y) < 2:
-                        continue
-                    ce, reg = step_loss(x, y)
-                    opt.zero_grad(set_to_none=True)
-                    ce.backward()
-                    opt.step()
-                    ce_sum += ce.detach().double() * len(y)
-                    reg_sum += reg.double()
-                    count += len(y)
-                    steps += 1
-                if steps == 0:
-                    raise ValueError("fit_curve: the data yielded no training batches")
-                mean_ce, mean_reg = float(ce_sum) / count, float(reg_sum) / steps
-                if not (math.isfinite(mean_ce) and math.isfinite(mean_reg) and bool(torch.isfinite(free).all())):
-                    kept = f"the last good checkpoint (epoch {_saved_epoch(ckpt_file)}) is kept at {ckpt_file}" \
-                        if ckpt_file is not None and ckpt_file.exists() else "no checkpoint was written"
-                    raise NonFiniteLossError(
-                        f"curve training diverged: non-finite loss in epoch {epoch + 1} of {settings['epochs']} "
-                        f"(lr {lr_now:g}); {kept}. Lower the learning rate.")
-                history["train_loss"].append(mean_ce)
-                history["regularizer"].append(mean_reg)
-                history["lr"].append(lr_now)
-                history["seconds"].append(time.perf_counter() - started)
-                if ckpt_file is not None:
-                    rng = {"t": t_gen.get_state(), "data": data_gen.get_state(), "torch": torch.get_rng_state(),
-                           "cuda": torch.cuda.get_rng_state(dev) if cuda else None}
-                    ckpt_file.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_torch_save({
-                        "format": CHECKPOINT_FORMAT, "settings": settings, "digest": digest, "epoch": epoch + 1,
-                        "free": free.detach().cpu().clone(),
-                        "bends": [{k: v.detach().cpu() for k, v in bend.items()} for bend in bends_from(free)],
-                        "optimizer": opt.state_dict(), "rng": rng, "history": history}, ckpt_file)
-                bar.update(1)
-                bar.set_postfix(loss=f"{mean_ce:.4f}", reg=f"{mean_reg:.4f}", lr=f"{lr_now:.3g}")
-                if callback is not None:
-                    callback(epoch + 1, {k: v[-1] for k, v in history.items()})
+        history = loop.run()
     finally:
-        bar.close()
         model.train(was_training)
-    return finish(free, settings["epochs"])
-
-
-def _saved_epoch(ckpt_file: FilePath | None) -> int | None:
-    """The number of finished epochs recorded in a curve checkpoint (None without one)."""
-    if ckpt_file is None or not FilePath(ckpt_file).exists():
-        return None
-    return int(torch.load(ckpt_file, map_location="cpu", weights_only=False)["epoch"])
+    info = _info(settings, history)
+    info.update(resumed_from=loop.resumed_from, checkpoint=os.fspath(ckpt_file) if ckpt_file else None)
+    return CurvePath(curve.bends(), settings["kind"], info=info)
