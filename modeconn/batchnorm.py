@@ -15,13 +15,15 @@ from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 from torch.nn.modules.batchnorm import _BatchNorm
 
+STATISTICS_BATCH = 512  # inputs per batch when statistics are recomputed (the statistics depend on it)
+
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
 @torch.no_grad()
-def recompute_statistics(model: nn.Module, inputs: Tensor, batch_size: int = 512) -> nn.Module:
+def recompute_statistics(model: nn.Module, inputs: Tensor, batch_size: int = STATISTICS_BATCH) -> nn.Module:
     """Reset every BatchNorm's running statistics and recompute them on ``inputs`` (in place).
 
     Cumulative average over the batches (``momentum=None``), train mode, no grad; the model is left in
@@ -45,7 +47,7 @@ def recompute_statistics(model: nn.Module, inputs: Tensor, batch_size: int = 512
 
 
 def load_point(model: nn.Module, params: Mapping[str, Tensor], bn_inputs: Tensor | None = None,
-               batch_size: int = 512) -> nn.Module:
+               batch_size: int = STATISTICS_BATCH) -> nn.Module:
     """A copy of ``model`` holding ``params``, with BatchNorm statistics recomputed on ``bn_inputs``."""
     point = copy.deepcopy(model)
     missing = set(params) - set(point.state_dict())
