@@ -40,6 +40,21 @@ class Dataset:
     augment: bool = False  # random crop (pad 4) + horizontal flip on training batches only
     info: dict = field(default_factory=dict)  # how the data was made (e.g. a split seed), for the run's record
 
+    def __post_init__(self) -> None:
+        """Refuse splits that disagree with ``num_classes`` or ``input_shape`` (at construction, not mid-run)."""
+        from modeconn.checks import check_labels
+
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"dataset {self.name!r}: num_classes must be a positive integer; got {self.num_classes!r}")
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if len(x) != len(y):
+                raise ValueError(f"dataset {self.name!r}: {split} inputs and labels differ in length: {len(x)} vs {len(y)}")
+            if tuple(x.shape[1:]) != self.input_shape:
+                raise ValueError(f"dataset {self.name!r}: {split} inputs have shape {tuple(x.shape[1:])} per example, "
+                                 f"not input_shape {self.input_shape}")
+            check_labels(y, self.num_classes, f"dataset {self.name!r}: {split} labels (num_classes={self.num_classes})")
+
     @property
     def num_train(self) -> int:
         return len(self.y_train)
