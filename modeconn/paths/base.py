@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from modeconn.checks import check_compatible, check_model_data, check_states
+
 State = dict[str, Tensor]
 
 
@@ -20,19 +22,14 @@ def float_state(state: Mapping[str, Tensor]) -> State:
     return {k: v.detach() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
 
 
-def check_compatible(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str = "endpoints") -> None:
-    """Raise ``ValueError`` naming the keys or shapes that differ between two state dicts."""
-    missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    shapes = [f"{k}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}" for k in a if k in b and a[k].shape != b[k].shape]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"only in the first: {missing[:5]}")
-        if extra:
-            parts.append(f"only in the second: {extra[:5]}")
-        if shapes:
-            parts.append(f"shapes differ: {shapes[:5]}")
-        raise ValueError(f"the {what} do not have the same architecture ({'; '.join(parts)})")
+def check_endpoints(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], model: torch.nn.Module | None = None,
+                    data=None) -> None:
+    """The one check every constructor makes first, before any work: the endpoints have the same keys,
+    shapes and dtypes (and fit ``model``), hold no NaN or infinity, and ``model`` runs on ``data`` with
+    labels inside its outputs. Raises ``ValueError`` saying what differs (see :mod:`modeconn.checks`)."""
+    check_states(theta_a, theta_b, model)
+    if model is not None and data is not None:
+        check_model_data(model, data)
 
 
 def as_times(ts: Sequence[float] | Tensor | float) -> Tensor:
@@ -105,8 +102,8 @@ class LinearPath(Path):
 
     def __init__(self, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
         super().__init__()
+        check_endpoints(theta_a, theta_b)
         self.theta_a, self.theta_b = float_state(theta_a), float_state(theta_b)
-        check_compatible(self.theta_a, self.theta_b)
 
     def points(self, ts: Sequence[float] | Tensor) -> State:
         t = as_times(ts)
