@@ -127,6 +127,13 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None)
                                       trials=st.get("trials", 20), noise=bool(st.get("noise")),
                                       noise_items=st.get("noise_items", 256), seed=cfg.seed,
                                       max_items=cfg.eval.max_items, device=device)
+    figure2 = None
+    if st.get("figure2"):  # Kuditipudi et al. Figure 2 over several trained nets (the endpoints first)
+        from modeconn.stability.endpoints import measure_figure2
+
+        figure2 = measure_figure2(model, {e["seed"]: th for e, th in zip(ends, (theta_a, theta_b)) if e["seed"] is not None},
+                                  data, out_dir, to_container(st.figure2), to_container(cfg.model),
+                                  TrainConfig(**to_container(cfg.trainer), device=str(device)), device, cfg.progress)
     evals: list[PathEval] = []
     for name, options in cfg.path.items():
         t0 = time.time()
@@ -151,6 +158,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None)
         "data": describe(data),
         "endpoints": [{k: e[k] for k in ("seed", "file")} | {"metrics": e["meta"].get("metrics", {})} for e in ends],
         "stability": stability,
+        "figure2": figure2,
         "paths": {ev.name: {"barriers": ev.barriers, "bound": ev.bound, "within_bound": ev.within_bound,
                             "segments": len(ev.knots) - 1, "seconds": ev.seconds} for ev in evals},
     }

@@ -1,4 +1,5 @@
-"""Figures of noise-stability measurements (Kuditipudi et al. 2019, Figure 3 left and App. D.3).
+"""Figures of stability measurements: noise stability (Kuditipudi et al. 2019, Figure 3 left and App. D.3),
+an endpoint's dropout stability against the kept fraction, and Figure 2's three panels over trials.
 
 :func:`plot_noise_stability` draws one histogram per (quantity, layer) over the measured data points:
 rows are the layer cushion, the minimal interlayer cushion, the activation contraction and the
@@ -16,7 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_noise_stability", "QUANTITIES"]
+from modeconn.plots import save_figure, spans_decades  # noqa: E402
+
+__all__ = ["plot_noise_stability", "plot_dropout_stability", "plot_figure2", "QUANTITIES"]
 
 #: (attribute of NoiseStability, row label)
 QUANTITIES: tuple[tuple[str, str], ...] = (
@@ -25,16 +28,6 @@ QUANTITIES: tuple[tuple[str, str], ...] = (
     ("contraction", "activation contraction"),
     ("smoothness", "interlayer smoothness $\\rho_i$"),
 )
-
-
-def _save_atomic(fig, out: str | FilePath, dpi: int) -> FilePath:
-    out = FilePath(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
 
 
 def plot_noise_stability(result, out_png: str | FilePath, layers: Sequence[int] | None = None,
@@ -93,4 +86,71 @@ def plot_noise_stability(result, out_png: str | FilePath, layers: Sequence[int] 
         f"epsilon={eps:.3g}, c={result.c:.3g}, rho={result.rho:.3g}")
     fig.suptitle(head, fontsize=9)
     fig.tight_layout()
-    return _save_atomic(fig, out_png, dpi)
+    return save_figure(fig, out_png, dpi)
+
+
+def _log_if_decades(ax, values) -> None:
+    """A log y axis when ``values`` span decades (the small ones would sit flat on a linear axis)."""
+    if spans_decades(values):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+
+
+def plot_dropout_stability(rows, out_png: str | FilePath, dpi: int = 120) -> FilePath:
+    """Loss of the all-layers-dropped subnetwork (best of the trials) against the kept fraction, one line
+    per endpoint (``rows``: name -> [{keep, loss, loss_all_dropped}]), its full net's loss dotted."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    values = []
+    for name, series in rows.items():
+        ys = [r["loss_all_dropped"] for r in series]
+        ax.plot([r["keep"] for r in series], ys, "o-", label=f"{name}: dropped")
+        ax.axhline(series[0]["loss"], ls=":", lw=1, color=ax.lines[-1].get_color(), label=f"{name}: full net")
+        values += ys + [series[0]["loss"]]
+    ax.set_xlabel("kept fraction 1 - p")
+    ax.set_ylabel("train loss")
+    ax.set_title("dropout stability (best kept set per fraction)")
+    ax.grid(alpha=0.3)
+    _log_if_decades(ax, values)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out_png, dpi)
+
+
+#: Figure 2's panels: (result key, x key, x label, title)
+FIGURE2_PANELS = (
+    ("left", "keep", "fraction of filters kept, 1 - p", "best dropout subnetwork"),
+    ("centre", "t", "t (theta -> dropout copy)", "segment to a p = {p} dropout copy"),
+    ("right", "width", "filters per layer", "narrow network"),
+)
+
+
+def plot_figure2(result: dict, out_png: str | FilePath, title: str | None = None, dpi: int = 120) -> FilePath:
+    """Kuditipudi et al.'s Figure 2 from :func:`modeconn.stability.figure2.figure2`'s result: columns left
+    (best dropout subnetwork against the kept fraction), centre (the straight segment to a dropout copy),
+    right (narrow nets against width); rows loss and accuracy; mean over trials with one-std error bars
+    (a band on the centre panel). A loss panel spanning decades gets a log axis."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4), squeeze=False)
+    n = len(result.get("seeds", []))
+    for c, (key, x, xlabel, head) in enumerate(FIGURE2_PANELS):
+        rows = result[key]["mean_std"]
+        xs = np.asarray([r[x] for r in rows], dtype=float)
+        for r, metric in enumerate(("loss", "accuracy")):
+            ax = axes[r][c]
+            mean = np.asarray([row[f"{metric}_mean"] for row in rows])
+            std = np.asarray([row[f"{metric}_std"] for row in rows])
+            color = "C0" if metric == "loss" else "C1"
+            if key == "centre":
+                ax.plot(xs, mean, color=color, lw=1.6)
+                ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.25, lw=0)
+            else:
+                ax.errorbar(xs, mean, yerr=std, fmt="o-", color=color, capsize=3, ms=4, lw=1.4)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"train {metric}")
+            ax.grid(alpha=0.3)
+            if metric == "loss":
+                ax.set_title(head.format(p=result.get("options", {}).get("segment_p", "?")), fontsize=10)
+                _log_if_decades(ax, np.concatenate([mean, mean + std]))
+    fig.suptitle(title or f"Figure 2 (Kuditipudi et al. 2019): mean ± std over {n} trial(s), "
+                 f"{result.get('num_items', '?')} training images", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, out_png, dpi)

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories (searched recursively for summary.json)")
     parser.add_argument("--metric", default="train_loss",
                         choices=["train_loss", "train_error", "test_loss", "test_error"])
+    parser.add_argument("--figures", metavar="OUT_DIR", default=None,
+                        help="also redraw the runs' figures (paths.png, figure2.png) pooled over the runs into OUT_DIR")
     args = parser.parse_args(argv)
     try:
         files = find_summaries(args.runs)
@@ -69,4 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summaries = [json.loads(f.read_text()) for f in files]
     print(render(aggregate(summaries, args.metric), args.metric, len(summaries)))
+    if args.figures is not None:
+        from modeconn.figures import redraw
+
+        for file in redraw(args.runs, args.figures):
+            print(f"wrote {file}")
     return 0

@@ -110,15 +110,6 @@ def test_the_narrow_network_checkpoint_refuses_a_payload(tmp_path, plant, digits
                                 device="cpu", trainer={"epochs": 1}), bad)
 
 
-def test_a_payload_in_the_data_cache_is_never_run(tmp_path, plant):
-    """mnist_subset keeps its split as a torch file; a payload there is refused (and the cache rebuilt)."""
-    from modeconn.mnist_subset import cache_file, load_mnist_subset
-
-    file = plant(cache_file(tmp_path, 0, 1000))
-    data = load_mnist_subset(tmp_path, split_seed=0, num_test=1000)
-    assert data.num_test == 1000 and os.path.getsize(file) > 1000
-
-
 # --------------------------------------------------------------------------------------- CLI
 
 TINY = ["data=digits", f"model.hidden=[{HIDDEN[0]},{HIDDEN[1]}]", "trainer.epochs=1", "eval.num_points=3",

@@ -2,23 +2,23 @@
 
 Kuditipudi et al.'s Figure 2 (left) plots, against the kept fraction, the loss of the best dropout
 subnetwork of each trained net; Figure 3 (left) histograms the noise-stability quantities of one layer.
-:func:`measure_endpoints` computes both for each endpoint of a run and writes a JSON file and figures.
+:func:`measure_endpoints` computes both for each endpoint of a run and writes a JSON file and figures;
+:func:`measure_figure2` draws all of Figure 2 over several trained nets (the endpoints and more).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
 
-import matplotlib
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from modeconn.checkpoint import atomic_write_json  # noqa: E402
-from modeconn.plots_stability import plot_noise_stability  # noqa: E402
-from modeconn.stability.dropout import dropout_stability  # noqa: E402
-from modeconn.stability.noise import noise_stability  # noqa: E402
+from modeconn.checkpoint import atomic_write_json
+from modeconn.plots_stability import plot_dropout_stability, plot_figure2, plot_noise_stability
+from modeconn.stability.figure2 import Figure2Options, figure2, train_trial_net
+from modeconn.train import TrainConfig
+from modeconn.stability.dropout import dropout_stability
+from modeconn.stability.noise import noise_stability
 
 
 def measure_endpoints(model: nn.Module, thetas: Mapping[str, Mapping[str, Tensor]], data, out_dir: str | FilePath,
@@ -42,25 +42,38 @@ def measure_endpoints(model: nn.Module, thetas: Mapping[str, Mapping[str, Tensor
             plot_noise_stability(ns, out / f"noise_stability_{name}.png")
             result["noise"][name] = {"epsilon": ns.epsilon, "conditions": ns.conditions, "summaries": ns.summaries()}
     if keeps:
-        _plot_dropout(result["dropout"], out / "dropout_stability.png")
+        plot_dropout_stability(result["dropout"], out / "dropout_stability.png")
     atomic_write_json(out / "stability.json", result)
     return result
 
 
-def _plot_dropout(rows: Mapping[str, list[dict]], png: FilePath) -> None:
-    """Loss of the all-layers-dropped subnetwork (best of the trials) against the kept fraction."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, series in rows.items():
-        ax.plot([r["keep"] for r in series], [r["loss_all_dropped"] for r in series], "o-", label=f"{name}: dropped")
-        ax.axhline(series[0]["loss"], ls=":", lw=1, color=ax.lines[-1].get_color(), label=f"{name}: full net")
-    ax.set_xlabel("kept fraction 1 - p")
-    ax.set_ylabel("train loss")
-    ax.set_title("dropout stability (best kept set per fraction)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)
+def measure_figure2(model: nn.Module, endpoints: Mapping[int, Mapping[str, Tensor]], data, out_dir: str | FilePath,
+                    options: Mapping, model_options: Mapping, trainer: TrainConfig, device=None,
+                    progress: bool = False) -> dict:
+    """Figure 2 over ``options["trials"]`` trained nets: the endpoints (seed -> state dict) and as many more
+    as needed (seeds after theirs), all trained with ``trainer``, plus the narrow nets. Checkpoints go to
+    ``<out_dir>/figure2/`` (reused when the run resumes); writes ``figure2.json`` and ``figure2.png``;
+    returns the per-point means and standard deviations and the seconds per step."""
+    opts = Figure2Options.from_dict(options)
+    out = FilePath(out_dir)
+
+    def train_net(seed: int, width: int | None):
+        name = f"seed{seed}.pt" if width is None else f"width{width}_seed{seed}.pt"
+        return train_trial_net(model_options, trainer, data, out / "figure2" / name, seed, width, progress)
+
+    started = time.perf_counter()
+    nets = {int(seed): (model, dict(theta)) for seed, theta in endpoints.items()}
+    seed = max(nets) + 1
+    while len(nets) < opts.trials:
+        nets[seed] = train_net(seed, None)
+        seed += 1
+    trained = time.perf_counter() - started
+    result = figure2(nets, data, opts, train_net, device=device, progress=progress)
+    result["seconds"]["training"] = trained
+    atomic_write_json(out / "figure2.json", result)
+    plot_figure2(result, out / "figure2.png")
+    centre = result["centre"]["mean_std"]
+    return {"seeds": result["seeds"], "num_items": result["num_items"], "seconds": result["seconds"],
+            "left": result["left"]["mean_std"], "right": result["right"]["mean_std"],
+            "centre": {"start": centre[0], "end": centre[-1], "max_loss_mean": max(r["loss_mean"] for r in centre),
+                       "min_accuracy_mean": min(r["accuracy_mean"] for r in centre)}}
