@@ -84,6 +84,12 @@ def validate(cfg: DictConfig) -> None:
             "a positive integer", st.get("trials"))
     require(isinstance(st.get("noise_items", 256), int) and st.get("noise_items", 256) >= 1, "stability.noise_items",
             "a positive integer", st.get("noise_items"))
+    from modeconn.align.step import check_options
+
+    try:
+        check_options(to_container(cfg.align) if cfg.get("align") is not None else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     paths = cfg.get("path") or {}
     require(isinstance(paths, (DictConfig, Mapping)) and len(paths) > 0, "path",
             f"a non-empty selection such as path=[linear,dropout] from {', '.join(BUILDERS)}", paths)

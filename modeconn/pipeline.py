@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from modeconn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
 from modeconn.config import ConfigError, to_container, validate
 from modeconn.data import Dataset, describe, example_input, load, resolve_device
+from modeconn.align.step import align_endpoints, path_variants
+from modeconn.align.step import report_lines as alignment_report
 from modeconn.evaluate import PathEval, evaluate_path
 from modeconn.models import build
 from modeconn.paths.base import float_state
@@ -134,18 +136,19 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None)
         figure2 = measure_figure2(model, {e["seed"]: th for e, th in zip(ends, (theta_a, theta_b)) if e["seed"] is not None},
                                   data, out_dir, to_container(st.figure2), to_container(cfg.model),
                                   TrainConfig(**to_container(cfg.trainer), device=str(device)), device, cfg.progress)
+    alignment = align_endpoints(cfg.get("align"), ctx)  # None for align=none
     evals: list[PathEval] = []
-    for name, options in cfg.path.items():
+    for name, options, label, path_ctx, finish in path_variants(cfg.path.items(), ctx, cfg.get("align"), alignment):
         t0 = time.time()
-        path = build_path(name, ctx, to_container(options or {}))
+        path = finish(build_path(name, path_ctx, to_container(options or {})))
         built = time.time() - t0
         ev = evaluate_path(model, path, data, num_points=cfg.eval.num_points, batch_size=cfg.eval.batch_size,
                            max_items=cfg.eval.max_items, bn_items=cfg.eval.bn_items, batched=cfg.eval.batched,
-                           device=device, name=name, progress=cfg.progress)
+                           device=device, name=label, progress=cfg.progress)
         ev.info["build_seconds"] = built
         ev.save(out_dir / "paths")
         evals.append(ev)
-        log.info("%s: max train loss %.4f, epsilon barrier %.4f%s", name, ev.max_train_loss,
+        log.info("%s: max train loss %.4f, epsilon barrier %.4f%s", label, ev.max_train_loss,
                  ev.barriers["train_loss"]["epsilon"], "" if ev.bound is None else f", bound {ev.bound:.4f}")
     plot_paths(evals, out_dir / "paths.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
     summary = {
@@ -159,6 +162,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None)
         "endpoints": [{k: e[k] for k in ("seed", "file")} | {"metrics": e["meta"].get("metrics", {})} for e in ends],
         "stability": stability,
         "figure2": figure2,
+        "alignment": None if alignment is None else alignment.summary(),
         "paths": {ev.name: {"barriers": ev.barriers, "bound": ev.bound, "within_bound": ev.within_bound,
                             "segments": len(ev.knots) - 1, "seconds": ev.seconds} for ev in evals},
     }
@@ -198,6 +202,7 @@ def render_report(summary: dict, evals: list[PathEval]) -> str:
                              if isinstance(v, dict) and "holds" in v)
             lines.append(f"- {name}, noise stability: Definition 4 epsilon {ns['epsilon']:.4g} ({held}); "
                          f"histograms in noise_stability_{name}.png")
+    lines += alignment_report(summary)
     certificates = [line for ev in evals for line in certificate(ev)]
     if certificates:
         lines += ["", "## Certificates (train loss on the constructors' data)", "", *certificates]

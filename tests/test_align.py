@@ -177,3 +177,52 @@ def test_alignment_needs_a_spec_or_an_example_input(digits_mlps):
     with pytest.raises(KeyError, match="1.weight"):
         weight_matching(model, {k: v for k, v in theta_a.items() if k != "1.weight"}, theta_b,
                         example_input=torch.zeros(2, 64))
+
+
+def test_run_step_reports_each_path_naive_aligned_and_repaired(digits_mlps, flat, tmp_path):
+    from modeconn.align.step import align_endpoints, path_variants
+    from modeconn.paths.registry import PathContext, build_path
+
+    model, theta_a, theta_b = digits_mlps
+    ctx = PathContext(model=model, theta_a=float_state(theta_a), theta_b=float_state(theta_b), data=flat,
+                      device=torch.device("cpu"), work_dir=tmp_path, progress=False)
+    options = {"method": "weights", "repair": True}
+    al = align_endpoints(options, ctx)
+    rows = list(path_variants({"linear": {}}.items(), ctx, options, al))
+    assert [r[2] for r in rows] == ["linear", "linear (aligned)", "linear (aligned+REPAIR)"]
+    paths = [finish(build_path(name, c, opts)) for name, opts, _, c, finish in rows]
+    for k in theta_a:
+        assert torch.equal(paths[0](1.0)[k], theta_b[k])
+        assert torch.equal(paths[1](1.0)[k], al.theta[k]) and torch.equal(paths[2](1.0)[k], al.theta[k])
+    assert al.summary()["method"] == "weights" and al.summary()["units_moved"] > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["align=weights", "align.method=weight"], "align must be one of none, weights, activations"),
+    (["align=weights", "align.repair=yes"], "align.repair must be true or false"),
+    (["align=activations", "align.max_items=0"], "align.max_items must be a positive integer"),
+    (["align=weights", "+align.iters=3"], r"align has unknown option\(s\) \['iters'\]"),
+])
+def test_bad_align_options_are_refused_by_name(overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from modeconn.cli import CONF_DIR
+    from modeconn.config import ConfigError, validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_the_preset_aligns_a_3x512_mlp_with_repair():
+    from hydra import compose, initialize_config_dir
+
+    from modeconn.cli import CONF_DIR
+    from modeconn.config import validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=ainsworth2023_mlp_quick"])
+    validate(cfg)
+    assert list(cfg.model.hidden) == [512, 512, 512] and cfg.align.method == "weights" and cfg.align.repair
+    assert list(cfg.path) == ["linear"]
