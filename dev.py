@@ -3,6 +3,7 @@
 
     python3 dev.py demo    # create .venv, install modeconn, run the default job on the embedded digits data
     python3 dev.py test    # create .venv, install modeconn with test extras, run the test suite
+    python3 dev.py test --fast   # the same without the end-to-end tests marked slow (under 2 minutes)
 
 Extra arguments are passed on: ``python3 dev.py demo path=[linear,bezier]``, ``python3 dev.py test -k units``.
 """
@@ -41,7 +42,14 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "demo":
         return subprocess.call([str(BIN / "modeconn"), *rest], cwd=ROOT)
-    return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT)
+    return subprocess.call([str(BIN / "python"), "-m", "pytest", *pytest_args(rest)], cwd=ROOT)
+
+
+def pytest_args(rest: list[str]) -> list[str]:
+    """``--fast`` becomes ``-m "not slow"``; everything else goes to pytest as given."""
+    if "--fast" not in rest:
+        return rest
+    return ["-m", "not slow", *(a for a in rest if a != "--fast")]
 
 
 if __name__ == "__main__":

@@ -5,10 +5,14 @@ between them with ``modeconn.paths.linear`` and evaluates it at ``--points`` val
 test splits, three ways, in one process, on the same data:
 
 * ``loop``: what the existing tools do (Garipov et al.'s dnn-mode-connectivity and most scripts): for each
-  t, ``model.load_state_dict(path.state_dict(t))``, then a ``DataLoader(TensorDataset(x, y),
+  t, ``model.load_state_dict(path.state_dict(t))`` (for BatchNorm models then the statistics recomputed on
+  the first ``--bn-items`` training inputs, as modeconn does), then a ``DataLoader(TensorDataset(x, y),
   batch_size=128)`` loop summing the cross-entropy and the errors;
 * ``evaluate_path(..., batched=False)``: modeconn's one-point-at-a-time reference mode;
-* ``evaluate_path(..., batched=True)``: the default, many t per data batch through ``torch.func.vmap``.
+* ``evaluate_path(..., batched=True)``: the default, many t per data batch through ``torch.func.vmap``
+  (BatchNorm statistics of a chunk of points computed together); ``--chunks 4 8`` also times it with
+  those point chunks forced (e.g. to measure stacked convolutions on a CPU, which evaluates them one
+  point at a time by default).
 
 Each method is run once to warm up, then ``--repeats`` times; the table gives the median and the best
 wall-clock seconds (``time.perf_counter``, with a CUDA synchronisation on a GPU), the speed-up of the median
@@ -18,6 +22,9 @@ evaluation and each of the other two. Times are only reported, never asserted on
     python bench/eval_path.py                                  # the default MLP on digits, 61 points
     python bench/eval_path.py --model convnet                  # the all-conv net on 1x8x8 digits
     python bench/eval_path.py --model vgg11 --data synthetic   # a narrow VGG-11 on CIFAR-shaped data
+    python bench/eval_path.py --model mlp_bn                   # the MLP with BatchNorm1d after each hidden layer
+    python bench/eval_path.py --model vgg11_bn --data synthetic --points 21 --repeats 1 --epochs 1
+    python bench/eval_path.py --model preresnet20 --data synthetic --width 0.5 --chunks 4
     python bench/eval_path.py --device cuda --json eval_mlp.json
 """
 from __future__ import annotations
@@ -38,14 +45,16 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from modeconn import data as D  # noqa: E402
 from modeconn import models  # noqa: E402
+from modeconn.batchnorm import has_batchnorm, recompute_statistics  # noqa: E402
 from modeconn.evaluate import evaluate_path, grid  # noqa: E402
+from modeconn.heap import keep_freed_memory  # noqa: E402
 from modeconn.paths import linear  # noqa: E402
 from modeconn.train import TrainConfig, train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mlp", choices=["mlp", "convnet", "vgg11"])
+    p.add_argument("--model", default="mlp", choices=MODELS)
     p.add_argument("--data", default="digits", choices=["digits", "synthetic"])
     p.add_argument("--points", type=int, default=61, help="grid points along the path")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (after one warm-up run)")
@@ -54,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-train", action="store_true", help="use the random initialisations as endpoints")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="MLP hidden widths")
     p.add_argument("--dropout", type=float, default=0.5, help="MLP dropout (off during evaluation)")
-    p.add_argument("--width", type=float, default=0.125, help="VGG channel width multiplier")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel width multiplier (default: 1/8 for VGGs, 1 for PreResNet)")
     p.add_argument("--input-shape", type=int, nargs="+", default=None,
                    help="synthetic input shape (default: 3 32 32 for conv models, 64 for the MLP)")
     p.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
@@ -62,15 +72,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-test", type=int, default=None, help="synthetic test size (default 512 CPU, 2000 GPU)")
     p.add_argument("--loader-batch", type=int, default=128, help="DataLoader batch size of the loop baseline")
     p.add_argument("--batch-size", type=int, default=2048, help="evaluate_path batch_size (conf/eval default)")
+    p.add_argument("--bn-items", type=int, default=2048, help="training inputs for BatchNorm statistics")
+    p.add_argument("--chunks", type=int, nargs="*", default=[], help="also time batched=True with these point chunks")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-heap", action="store_true",
+                   help="leave glibc's malloc thresholds alone (modeconn.heap.keep_freed_memory is called otherwise, as the CLI does)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
+MODELS = ["mlp", "mlp_bn", "convnet", "vgg11", "vgg11_bn", "vgg16_bn", "preresnet20"]
+
+
 def load_data(args, dev: torch.device) -> D.Dataset:
+    conv = not args.model.startswith("mlp")
     if args.data == "digits":
-        return D.load("digits", device=dev)
-    conv = args.model != "mlp"
+        return D.load("digits", device=dev, image=conv)
     shape = tuple(args.input_shape) if args.input_shape else ((3, 32, 32) if conv else (64,))
     gpu = dev.type == "cuda"
     return D.load("synthetic", device=dev, input_shape=shape, num_classes=args.num_classes,
@@ -78,12 +95,12 @@ def load_data(args, dev: torch.device) -> D.Dataset:
 
 
 def build(args, ds: D.Dataset) -> torch.nn.Module:
-    if args.model == "mlp":
-        kw = {"hidden": tuple(args.hidden), "dropout": args.dropout}
-    elif args.model == "vgg11":
-        kw = {"width": args.width}
-    else:
-        kw = {}
+    if args.model.startswith("mlp"):
+        kw = {"hidden": tuple(args.hidden), "dropout": args.dropout, "batch_norm": args.model == "mlp_bn"}
+        return models.build("mlp", ds.input_shape, ds.num_classes, **kw)
+    kw = {}
+    if args.model.startswith(("vgg", "preresnet")):
+        kw["width"] = args.width if args.width is not None else (0.125 if args.model.startswith("vgg") else 1.0)
     return models.build(args.model, ds.input_shape, ds.num_classes, **kw)
 
 
@@ -93,14 +110,18 @@ def sync(dev: torch.device) -> None:
 
 
 @torch.no_grad()
-def loop_baseline(model: torch.nn.Module, path, ts: list[float], splits: dict, batch_size: int) -> dict:
-    """One model at a time, the way the existing tools do it: load the state dict, loop over a DataLoader."""
+def loop_baseline(model: torch.nn.Module, path, ts: list[float], splits: dict, batch_size: int, bn_items: int) -> dict:
+    """One model at a time, the way the existing tools do it: load the state dict (BatchNorm models: then
+    recompute the statistics), loop over a DataLoader."""
     model.eval()
     dev = next(model.parameters()).device
     loaders = {s: DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False) for s, (x, y) in splits.items()}
     metrics = {f"{s}_{m}": [] for s in splits for m in ("loss", "error")}
+    bn_inputs = splits["train"][0][:bn_items] if has_batchnorm(model) else None
     for t in ts:
         model.load_state_dict(path.state_dict(t), strict=False)
+        if bn_inputs is not None:
+            recompute_statistics(model, bn_inputs)
         for split, loader in loaders.items():
             loss, wrong, n = 0.0, 0, 0
             for x, y in loader:
@@ -134,11 +155,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap = False if args.no_heap else keep_freed_memory()
     dev = D.resolve_device(args.device)
     ds = load_data(args, dev)
     n_params = sum(p.numel() for p in build(args, ds).parameters())
     print(f"{D.describe(ds)}; model {args.model} ({n_params:,} parameters); device {dev}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; malloc thresholds raised: {heap}")
 
     ends = []
     for seed in (0, 1):
@@ -157,20 +179,22 @@ def main(argv=None) -> dict:
     splits = {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test)}
 
     def run_loop():
-        return loop_baseline(model, path, ts, splits, args.loader_batch)
+        return loop_baseline(model, path, ts, splits, args.loader_batch, args.bn_items)
 
-    def run_eval(batched: bool):
+    def run_eval(batched: bool, chunk: int | None = None):
         return lambda: evaluate_path(model, path, ds, ts=ts, batch_size=args.batch_size, batched=batched,
-                                     device=dev, progress=False).metrics
+                                     point_chunk=chunk, bn_items=args.bn_items, device=dev, progress=False).metrics
 
     methods = [("loop (load_state_dict + DataLoader)", "loop", run_loop),
                ("evaluate_path(batched=False)", "one_at_a_time", run_eval(False)),
                ("evaluate_path(batched=True)", "batched", run_eval(True))]
+    methods += [(f"evaluate_path(point_chunk={c})", f"chunk_{c}", run_eval(True, c)) for c in args.chunks]
     results: dict = {"model": args.model, "data": args.data, "parameters": n_params, "points": len(ts),
                      "train_items": ds.num_train, "test_items": ds.num_test, "device": str(dev),
                      "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
-                     "trained_epochs": 0 if args.no_train else args.epochs, "methods": {}}
+                     "trained_epochs": 0 if args.no_train else args.epochs, "batchnorm": has_batchnorm(model),
+                     "bn_items": args.bn_items, "malloc_thresholds_raised": heap, "methods": {}}
     metrics = {}
     for label, key, fn in methods:
         seconds, metrics[key] = timed(fn, args.repeats, dev)
@@ -182,6 +206,9 @@ def main(argv=None) -> dict:
     diffs = {}
     for other in ("loop", "one_at_a_time"):
         diffs[f"batched_vs_{other}"] = {k: max_diff(metrics["batched"], metrics[other], k) for k in metrics["batched"]}
+    for c in args.chunks:
+        diffs[f"chunk_{c}_vs_one_at_a_time"] = {k: max_diff(metrics[f"chunk_{c}"], metrics["one_at_a_time"], k)
+                                                 for k in metrics["batched"]}
     results["max_abs_diff"] = diffs
     results["max_train_loss"] = max(metrics["batched"]["train_loss"])
 
@@ -192,8 +219,11 @@ def main(argv=None) -> dict:
     for name, d in diffs.items():
         print(f"max |diff| {name:26s} train loss {d['train_loss']:.2e}  test loss {d['test_loss']:.2e}  "
               f"train error {d['train_error']:.2e}  test error {d['test_error']:.2e}")
+    worst = max(max(d["train_loss"], d["test_loss"]) for name, d in diffs.items() if name.endswith("one_at_a_time"))
+    results["equal_to_reference"] = worst <= 1e-5
     print(f"speed-up batched / loop: {results['methods']['batched']['speedup_vs_loop']:.2f}x  "
-          f"(batched / one-at-a-time: {results['methods']['one_at_a_time']['median_s'] / results['methods']['batched']['median_s']:.2f}x)")
+          f"(batched / one-at-a-time: {results['methods']['one_at_a_time']['median_s'] / results['methods']['batched']['median_s']:.2f}x); "
+          f"losses equal to the one-at-a-time reference within 1e-5: {results['equal_to_reference']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

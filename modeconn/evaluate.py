@@ -1,10 +1,10 @@
 """Evaluate loss and error along a path, many points at once, and report every barrier.
 
 Points are evaluated in chunks: the parameters of a chunk of t are stacked and one ``torch.func.vmap``'d
-``functional_call`` runs them all on each data batch, instead of loading one model at a time. Models
-with BatchNorm recompute their statistics at every point (see :mod:`modeconn.batchnorm`), so they are
-evaluated one point at a time. Evaluation is deterministic: eval mode, no dropout, no augmentation,
-plain cross-entropy, fixed data subsets whose sizes are recorded.
+``functional_call`` runs them all on each data batch (:mod:`modeconn.stacked`), instead of loading one
+model at a time. BatchNorm statistics are recomputed at every point (see :mod:`modeconn.batchnorm`), for a
+whole chunk at once. ``batched=False`` is the one-point-at-a-time reference. Evaluation is deterministic:
+eval mode, no dropout, no augmentation, plain cross-entropy, fixed data subsets whose sizes are recorded.
 """
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from modeconn.barriers import barriers
-from modeconn.batchnorm import has_batchnorm, load_point
+from modeconn.batchnorm import STATISTICS_BATCH, has_batchnorm, load_point
 from modeconn.checkpoint import atomic_write_bytes, atomic_write_json
+from modeconn.checks import check_model_data, check_times
 from modeconn.data import Dataset, materialize, resolve_device
 from modeconn.paths.base import Path
+from modeconn.stacked import (MIN_ROWS, StackedModel, batch_rows, is_convolutional, point_chunk, segment_of,
+                              stackable, widest_activation)
 
 SPLITS = ("train", "test")
 METRICS = ("loss", "error")
@@ -119,93 +121,17 @@ def _accumulate(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss.double().sum(1), wrong.double().sum(1)
 
 
-# Batched evaluation: the largest activation (elements of one layer's output, all points of a chunk
-# together) that one data batch may produce. On a CPU it should stay in the caches (the elementwise work of a
-# vmapped layer, bias and ReLU, is memory-bound); a GPU wants large kernels. PARAMETER_BUDGET bounds the
-# stacked parameters of a chunk (elements); MIN_ROWS is the data batch that keeps the batched matrix
-# products efficient, which the point chunk leaves room for.
-ACTIVATION_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 26}
-PARAMETER_BUDGET = 40_000_000
-MIN_ROWS = 256
-
-
 @torch.no_grad()
-def _widest_activation(model: nn.Module, x: Tensor) -> int:
-    """Elements of the largest output of any leaf module for one example (one forward pass on x[:1])."""
-    widest = [int(x[:1].numel())]
-
-    def hook(module, inputs, output):
-        if isinstance(output, Tensor):
-            widest.append(int(output.numel()))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
-    try:
-        model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return max(widest)
-
-
-def _budget(device: torch.device) -> int:
-    return ACTIVATION_BUDGET.get(device.type, ACTIVATION_BUDGET["cuda"])
-
-
-def _point_chunk(n_points: int, n_params: int, widest: int, n_items: int, device: torch.device,
-                 convolutional: bool = False) -> int:
-    """Points evaluated together: as many as the parameter budget allows and as leave a data batch of
-    ``MIN_ROWS`` examples (or the whole split) within the activation budget. One at a time for
-    convolutional models on a CPU, where a vmapped convolution (a grouped one) is slower than one model
-    at a time."""
-    if convolutional and device.type == "cpu":
-        return 1
-    by_params = PARAMETER_BUDGET // max(1, n_params)
-    by_activations = _budget(device) // max(1, min(n_items, MIN_ROWS) * widest)
-    return max(1, min(n_points, by_params, by_activations))
-
-
-def _batch_rows(n_points: int, n_items: int, batch_size: int, widest: int, device: torch.device) -> int:
-    """Examples per data batch when ``n_points`` points share it (``n_points`` = 1 included).
-
-    As many as keep the widest activation of the batch within the activation budget; on a GPU at least
-    ``batch_size // n_points`` (the point-examples budget of ``batch_size``). At least 64, never more than
-    ``batch_size`` (the one-point-at-a-time batch) nor the whole split.
-    """
-    rows = _budget(device) // max(1, n_points * widest)
-    if device.type != "cpu":
-        rows = max(rows, batch_size // n_points)
-    rows = min(max(rows, 64), max(64, batch_size))
-    return max(1, min(rows, n_items))
-
-
-def _lift_malloc_thresholds() -> None:
-    """Allocate and free one 31 MiB block (its pages are never touched).
-
-    glibc serves blocks above its mmap threshold (128 KiB at start) with fresh mmapped pages and returns
-    freed heap tops above its trim threshold to the system, so the activations of every data batch would
-    be page-faulted in anew; freeing an mmapped block raises both thresholds to its size (up to 32 MiB)
-    for the rest of the process, after which batches reuse the heap. This alone made the batched
-    evaluation of the default MLP a quarter faster on a 2-core CPU; elsewhere it costs one allocation."""
-    block = torch.empty(31 << 20, dtype=torch.uint8)
-    del block
-
-
-@torch.no_grad()
-def _profile_batched(model: nn.Module, points: dict[str, Tensor], x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Summed-then-averaged loss and error of every point in ``points`` (stacked), ``batch_size`` examples a batch."""
-    buffers = dict(model.named_buffers())
-
-    def logits(params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-        return functional_call(model, (params, buffers), (inputs,))
-
-    many = vmap(logits, in_dims=(0, None))
-    n_points = next(iter(points.values())).shape[0]
-    if x.device.type == "cpu":
-        _lift_malloc_thresholds()
-    loss, wrong = torch.zeros(n_points, dtype=torch.float64, device=x.device), torch.zeros(n_points, dtype=torch.float64, device=x.device)
-    rows = -(-len(x) // -(-len(x) // batch_size)) if len(x) else batch_size  # same number of batches, equal sizes
+def _profile_batched(stacked: StackedModel, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Mean loss and error of every point of the chunk loaded in ``stacked``, about ``batch_size``
+    examples a batch (batches of equal size)."""
+    n_points = len(stacked.ts)
+    loss = torch.zeros(n_points, dtype=torch.float64, device=x.device)
+    wrong = torch.zeros(n_points, dtype=torch.float64, device=x.device)
+    n_batches = max(1, -(-len(x) // batch_size))
+    rows = -(-len(x) // n_batches) if len(x) else batch_size
     for start in range(0, len(x), rows):
-        l, w = _accumulate(many(points, x[start : start + rows]), y[start : start + rows])
+        l, w = _accumulate(stacked.logits(x[start : start + rows]), y[start : start + rows])
         loss += l
         wrong += w
     return loss / len(x), wrong / len(x)
@@ -219,6 +145,42 @@ def _profile_point(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> t
         loss += float(l)
         wrong += float(w)
     return loss / len(x), wrong / len(x)
+
+
+def _chunk_size(model: nn.Module, n_points: int, x: Tensor, bn_inputs: Tensor | None, widest: int,
+                device: torch.device) -> int:
+    """Points evaluated together by the batched evaluation (see :func:`modeconn.stacked.point_chunk`): room
+    is left for a data batch of ``MIN_ROWS`` examples and, with BatchNorm, for a statistics batch. One at a
+    time for a BatchNorm without running statistics, and for convolutional models on a CPU, where a vmapped
+    convolution (a grouped one) is slower than one model at a time."""
+    if not stackable(model) or (device.type == "cpu" and is_convolutional(model)):
+        return 1
+    rows = min(len(x), MIN_ROWS)
+    if bn_inputs is not None:
+        rows = max(rows, min(len(bn_inputs), STATISTICS_BATCH))
+    return point_chunk(n_points, sum(p.numel() for p in model.parameters()), widest, rows, device)
+
+
+def _evaluate_chunk(model: nn.Module, stacked: StackedModel | None, ts: list[float], points: dict[str, Tensor],
+                    splits: dict[str, tuple[Tensor, Tensor]], bn_inputs: Tensor | None, batch_size: int,
+                    widest: int | None) -> dict[str, list[float]]:
+    """Loss and error of every split at the points of one chunk: through ``stacked`` all together, or
+    (``stacked`` None, one point) a copy of ``model`` holding the point."""
+    out: dict[str, list[float]] = {}
+    if stacked is None:
+        point = load_point(model, {k: v[0] for k, v in points.items()}, bn_inputs)
+    else:
+        stacked.load(ts, points)
+        if bn_inputs is not None:
+            stacked.statistics(bn_inputs)
+    for split, (x, y) in splits.items():
+        rows = batch_size if widest is None else batch_rows(len(ts), len(x), batch_size, widest, x.device)
+        if stacked is None:
+            loss, err = ([v] for v in _profile_point(point, x, y, rows))
+        else:
+            loss, err = (v.tolist() for v in _profile_batched(stacked, x, y, rows))
+        out[f"{split}_loss"], out[f"{split}_error"] = loss, err
+    return out
 
 
 def _param_names(model: nn.Module, path: Path) -> list[str]:
@@ -259,44 +221,46 @@ def evaluate_path(
     """
     started = time.perf_counter()
     model = path.model if path.model is not None else model
+    check_times(num_points, ts)  # the grid and the data are checked before anything is evaluated
+    check_model_data(model, train_data, "train_data")
+    check_model_data(model, test_data, "test_data")
     dev = resolve_device(device)
     model = model.to(dev).eval()
     names = _param_names(model, path)
     times = grid(num_points, path.knots) if ts is None else [float(t) for t in ts]
     splits = _split_tensors(train_data, test_data, max_items, dev)
     metrics = {f"{s}_{m}": [] for s in splits for m in METRICS}
+    bn_inputs = splits["train"][0][:bn_items] if has_batchnorm(model) else None
+    widest = widest_activation(model, splits["train"][0]) if batched else None
+    chunk = (point_chunk or _chunk_size(model, len(times), splits["train"][0], bn_inputs, widest, dev)) if batched else 1
+    stacked: StackedModel | None = None
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None
-    use_bn = has_batchnorm(model)
-    widest = _widest_activation(model, splits["train"][0]) if batched else None
-    if use_bn or not batched:
-        chunk = 1
-    else:
-        n_params = sum(p.numel() for p in model.parameters())
-        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-        chunk = point_chunk or _point_chunk(len(times), n_params, widest, len(splits["train"][0]), dev, conv)
     bar = tqdm(total=len(times), desc=f"eval {name or path.name}", disable=not progress, leave=False)
-    for start in range(0, len(times), chunk):
+    start = 0
+    while start < len(times):
         chunk_ts = times[start : start + chunk]
         points = {k: v.to(dev) for k, v in path.points(chunk_ts).items() if k in names}
+        if chunk > 1 and stacked is None:
+            stacked = StackedModel(model, path, splits["train"][0])
+        try:
+            values = _evaluate_chunk(model, stacked if chunk > 1 else None, chunk_ts, points, splits, bn_inputs,
+                                     batch_size, widest)
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk //= 2  # the budget was not enough on this device: fewer points at a time, never a failure
+            torch.cuda.empty_cache()
+            continue
+        for key, v in values.items():
+            metrics[key].extend(v)
         steps.extend(_steps(points, names, previous))
         previous = {k: points[k][-1:].clone() for k in names}
-        point = None
-        if chunk == 1:
-            bn_inputs = splits["train"][0][:bn_items] if use_bn else None
-            point = load_point(model, {k: v[0] for k, v in points.items()}, bn_inputs)
-        for split, (x, y) in splits.items():
-            rows = batch_size if widest is None else _batch_rows(len(chunk_ts), len(x), batch_size, widest, dev)
-            if point is not None:
-                loss, err = ([v] for v in _profile_point(point, x, y, rows))
-            else:
-                loss, err = (v.tolist() for v in _profile_batched(model, points, x, y, rows))
-            metrics[f"{split}_loss"].extend(loss)
-            metrics[f"{split}_error"].extend(err)
+        start += len(chunk_ts)
         bar.update(len(chunk_ts))
     bar.close()
     steps = [0.0] + steps
-    segments = [_segment(path.knots, t) for t in times]
+    segments = [segment_of(path.knots, t) for t in times]
     result = PathEval(
         name=name or path.name,
         ts=times,
@@ -337,7 +301,3 @@ def _steps(points: dict[str, Tensor], names: Sequence[str], previous: dict[str, 
             block = p[:, j : j + step].double()
             total[len(total) - (n - 1) :] += torch.linalg.vector_norm(block[1:] - block[:-1], dim=1).square()
     return total.sqrt().tolist()
-
-
-def _segment(knots: Sequence[float], t: float) -> int:
-    return int(min(max(np.searchsorted(np.asarray(knots), t, side="right") - 1, 0), len(knots) - 2))

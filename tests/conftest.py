@@ -1,10 +1,50 @@
-"""Shared fixtures: one torch thread (tiny nets run as fast, and far faster on a busy machine) and the
-digits subsets the path tests train on."""
+"""Shared fixtures: the device the tensor tests run on, one torch thread, the digits subsets the path tests
+train on, and the disk cache of trained test nets (see ``nets.py``).
+
+``MODECONN_TEST_DEVICE`` (default ``cpu``; ``bench/gpu_check.sh`` sets ``cuda``) picks the device: tests
+take the ``device`` fixture, and the data fixtures ``flat`` and ``images`` live on it, so the nets trained
+on them and the paths built from them do too. Tests marked ``cuda`` only make sense on a GPU (memory
+budgets, non-deterministic kernels) and are skipped without one: ``pytest -m cuda`` runs them.
+"""
+import os
+
 import pytest
 import torch
 
+import nets
 from modeconn import data as D
 from nets import N_ITEMS
+
+
+def _test_device() -> torch.device:
+    name = os.environ.get("MODECONN_TEST_DEVICE", "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise pytest.UsageError(f"MODECONN_TEST_DEVICE={name!r} is not a torch device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"MODECONN_TEST_DEVICE={name!r} but torch sees no CUDA device")
+    return dev
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the tensor tests (``MODECONN_TEST_DEVICE``). On a GPU, float32 matrix products and
+    convolutions stay float32 (no TF32), which the tests' tolerances assume."""
+    dev = _test_device()
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,13 +55,22 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _net_cache(request):
+    """Trained test nets are kept under pytest's cache (``.pytest_cache``), keyed by what made them."""
+    cache = getattr(request.config, "cache", None)
+    nets.CACHE = None if cache is None else cache.mkdir("modeconn_nets")
+    yield
+    nets.CACHE = None
+
+
 @pytest.fixture(scope="session")
-def flat():
+def flat(device):
     ds = D.load("digits")
-    return ds.x_train[:N_ITEMS], ds.y_train[:N_ITEMS]
+    return ds.x_train[:N_ITEMS].to(device), ds.y_train[:N_ITEMS].to(device)
 
 
 @pytest.fixture(scope="session")
-def images():
+def images(device):
     ds = D.load("digits", image=True)
-    return ds.x_train[:N_ITEMS], ds.y_train[:N_ITEMS]
+    return ds.x_train[:N_ITEMS].to(device), ds.y_train[:N_ITEMS].to(device)

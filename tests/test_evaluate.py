@@ -5,10 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeconn import stacked
 from modeconn.batchnorm import load_point, recompute_statistics
 from modeconn.evaluate import PathEval, evaluate_path, grid
+from modeconn.models import build
 from modeconn.paths import PiecewiseLinearPath, linear
 from modeconn.plots import plot_paths
+from modeconn.stacked import StackedModel, first_layer
 
 
 def data(n=300, d=10, classes=3, seed=0):
@@ -34,33 +37,35 @@ def plain_metrics(model, x, y):
     return F.cross_entropy(out, y).item(), (out.argmax(1) != y).float().mean().item()
 
 
-def test_batched_and_one_at_a_time_agree():
+def test_batched_and_one_at_a_time_agree(device):
     x, y = data()
     model, a, b = mlp(0), mlp(1).state_dict(), mlp(2).state_dict()
     path = linear(a, b)
-    fast = evaluate_path(model, path, (x, y), (x[:100], y[:100]), num_points=13, batch_size=64, progress=False)
-    slow = evaluate_path(model, path, (x, y), (x[:100], y[:100]), num_points=13, batch_size=64, batched=False, progress=False)
+    kw = dict(num_points=13, batch_size=64, progress=False, device=device)
+    fast = evaluate_path(model, path, (x, y), (x[:100], y[:100]), **kw)
+    slow = evaluate_path(model, path, (x, y), (x[:100], y[:100]), batched=False, **kw)
     for key in fast.metrics:
         torch.testing.assert_close(torch.tensor(fast.metrics[key]), torch.tensor(slow.metrics[key]), atol=1e-5, rtol=0)
     assert fast.ts == slow.ts and len(fast.ts) == 13
 
 
-def test_endpoints_reproduce_their_own_metrics():
+def test_endpoints_reproduce_their_own_metrics(device):
     x, y = data()
     model, a, b = mlp(0), mlp(1), mlp(2)
-    ev = evaluate_path(model, linear(a.state_dict(), b.state_dict()), (x, y), num_points=5, progress=False)
+    ev = evaluate_path(model, linear(a.state_dict(), b.state_dict()), (x, y), num_points=5, progress=False, device=device)
     for t_index, end in ((0, a), (-1, b)):
         loss, err = plain_metrics(end, x, y)
         assert ev.metrics["train_loss"][t_index] == pytest.approx(loss, abs=1e-6)
         assert ev.metrics["train_error"][t_index] == pytest.approx(err, abs=1e-7)
 
 
-def test_batchnorm_statistics_are_recomputed_at_every_point_endpoints_included():
+def test_batchnorm_statistics_are_recomputed_at_every_point_endpoints_included(device):
     x, y = data()
     model, a, b = bn_net(0), bn_net(1), bn_net(2)
     for end in (a, b):  # checkpoint statistics computed the way the evaluator computes them
         recompute_statistics(end, x[:128], batch_size=512)
-    ev = evaluate_path(model, linear(a.state_dict(), b.state_dict()), (x, y), num_points=5, bn_items=128, progress=False)
+    ev = evaluate_path(model, linear(a.state_dict(), b.state_dict()), (x, y), num_points=5, bn_items=128,
+                       progress=False, device=device)
     for t_index, end in ((0, a), (-1, b)):
         loss, err = plain_metrics(end, x, y)
         assert ev.metrics["train_loss"][t_index] == pytest.approx(loss, abs=1e-6)
@@ -69,7 +74,7 @@ def test_batchnorm_statistics_are_recomputed_at_every_point_endpoints_included()
     stale = bn_net(1)
     stale.load_state_dict({k: v for k, v in a.state_dict().items() if "running" not in k}, strict=False)
     assert plain_metrics(stale, x, y)[0] != pytest.approx(ev.metrics["train_loss"][0], abs=1e-4)
-    mid = load_point(model, linear(a.state_dict(), b.state_dict())(0.5), x[:128])
+    mid = load_point(bn_net(0), linear(a.state_dict(), b.state_dict())(0.5), x[:128])
     assert ev.metrics["train_loss"][ev.ts.index(0.5)] == pytest.approx(plain_metrics(mid, x, y)[0], abs=1e-6)
 
 
@@ -80,7 +85,7 @@ def test_grid_holds_uniform_points_every_knot_and_the_midpoint():
         grid(1)
 
 
-def test_piecewise_knots_are_evaluated_and_labelled(tmp_path):
+def test_piecewise_knots_are_evaluated_and_labelled(tmp_path, device):
     x, y = data()
     ws = [mlp(s).state_dict() for s in range(3)]
     path = PiecewiseLinearPath(ws, knots=[0, 0.3, 1], labels=["first", "second"])
@@ -94,21 +99,166 @@ def test_piecewise_knots_are_evaluated_and_labelled(tmp_path):
     csv = (tmp_path / "pw.csv").read_text().splitlines()
     assert csv[0].startswith("t,train_loss,train_error") and "second" in csv[-1]
     assert json.loads((tmp_path / "pw.json").read_text())["within_bound"] is True
-    png = plot_paths([ev, evaluate_path(mlp(0), linear(ws[0], ws[2]), (x, y), num_points=5, progress=False)],
-                     tmp_path / "fig.png")
+    other = evaluate_path(mlp(0), linear(ws[0], ws[2]), (x, y), num_points=5, progress=False, device=device)
+    png = plot_paths([ev, other], tmp_path / "fig.png")
     assert png.stat().st_size > 1000
 
 
-def test_steps_measure_parameter_distance():
+def test_steps_measure_parameter_distance(device):
     x, y = data()
     a, b = mlp(1).state_dict(), mlp(2).state_dict()
-    ev = evaluate_path(mlp(0), linear(a, b), (x, y), num_points=11, progress=False)
+    ev = evaluate_path(mlp(0), linear(a, b), (x, y), num_points=11, progress=False, device=device)
     dist = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a)).item()
     assert ev.barriers["train_loss"]["length"] == pytest.approx(dist, rel=1e-9)
 
 
-def test_a_path_for_another_model_is_refused():
+def test_a_path_for_another_model_is_refused(device):
     x, y = data()
     path = linear({"w": torch.zeros(2)}, {"w": torch.ones(2)})
     with pytest.raises(KeyError, match="another model"):
-        evaluate_path(mlp(0), path, (x, y), num_points=3, progress=False)
+        evaluate_path(mlp(0), path, (x, y), num_points=3, progress=False, device=device)
+
+
+class Doubled(nn.Module):
+    """An MLP whose first layer reads twice the input (not a view of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.body(2 * x)
+
+
+def test_first_layer_is_shared_only_where_it_reads_the_input(device):
+    x, _ = data()
+    assert first_layer(mlp(0), x) == ("0", (10,))
+    flat_first = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    assert first_layer(flat_first, torch.randn(5, 3, 4)) == ("1", (12,))
+    assert first_layer(Doubled(), x) is None
+    tied = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
+    tied[2].weight = tied[0].weight
+    assert first_layer(tied, x) is None
+    a, b = mlp(1).state_dict(), mlp(2).state_dict()
+    assert StackedModel(mlp(0), linear(a, b), x).first is not None
+
+
+def _bn_variant(make, seed):
+    """A net from ``make`` with BatchNorm scales and shifts away from 1 and 0, so statistics matter."""
+    torch.manual_seed(seed)
+    net = make()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return net
+
+
+BN_MODELS = {  # make, input shape, items (> one statistics batch of 512), point chunk (None: the evaluator's)
+    "bn-mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
+                                     nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)),
+               (12,), 1100, None),
+    "vgg11-bn": (lambda: build("vgg11_bn", (3, 8, 8), 3, width=1 / 16), (3, 8, 8), 600, 4),
+    "preresnet20": (lambda: build("preresnet20", (3, 8, 8), 3, width=0.25), (3, 8, 8), 600, 4),
+}
+
+
+@pytest.mark.parametrize("name", BN_MODELS)
+def test_batchnorm_chunks_match_one_point_at_a_time(name, device, monkeypatch):
+    make, shape, n, chunk = BN_MODELS[name]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 3, (n,), generator=g)
+    nets = [_bn_variant(make, seed) for seed in range(3)]
+    path = PiecewiseLinearPath([net.state_dict() for net in nets], knots=[0, 0.4, 1])
+    chunks = []
+    statistics = StackedModel.statistics
+    monkeypatch.setattr(StackedModel, "statistics", lambda self, inputs: chunks.append(len(self.ts)) or statistics(self, inputs))
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(ts=[0, 0.15, 0.3, 0.4, 0.55, 0.8, 1], bn_items=n, progress=False, device=device)
+    fast = evaluate_path(model, path, (x, y), (x[:100], y[:100]), point_chunk=chunk, **kw)
+    slow = evaluate_path(model, path, (x, y), (x[:100], y[:100]), batched=False, **kw)
+    assert chunks and max(chunks) > 1  # the statistics of several points were computed together
+    for key in fast.metrics:
+        torch.testing.assert_close(torch.tensor(fast.metrics[key]), torch.tensor(slow.metrics[key]), atol=1e-5, rtol=0)
+    assert fast.metrics["train_loss"][0] == pytest.approx(slow.metrics["train_loss"][0], abs=1e-6)
+    for k, v in model.state_dict().items():  # the caller's model keeps its own statistics
+        assert torch.equal(v.cpu(), before[k]), k
+
+
+def test_out_of_memory_halves_the_point_chunk_and_retries(device, monkeypatch):
+    x, y = data()
+    path = linear(mlp(1).state_dict(), mlp(2).state_dict())
+    sizes = []
+    logits = StackedModel.logits
+
+    def short_of_memory(self, inputs):
+        sizes.append(len(self.ts))
+        if len(self.ts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return logits(self, inputs)
+
+    monkeypatch.setattr(StackedModel, "logits", short_of_memory)
+    fast = evaluate_path(mlp(0), path, (x, y), num_points=9, point_chunk=8, progress=False, device=device)
+    assert sizes[:2] == [8, 4] and max(sizes[2:]) == 2  # 8 and 4 points ran short, 2 at a time went through
+    monkeypatch.setattr(StackedModel, "logits", logits)
+    slow = evaluate_path(mlp(0), path, (x, y), num_points=9, batched=False, progress=False, device=device)
+    assert fast.ts == slow.ts
+    torch.testing.assert_close(torch.tensor(fast.metrics["train_loss"]), torch.tensor(slow.metrics["train_loss"]),
+                               atol=1e-5, rtol=0)
+    assert fast.steps == pytest.approx(slow.steps, rel=1e-9)
+
+
+def test_chunks_follow_the_memory_budget():
+    cpu = torch.device("cpu")
+    budget = stacked.budgets(cpu)
+    chunk = stacked.point_chunk(61, n_params=85_000, widest=256, rows=512, device=cpu)
+    assert chunk * 512 * 256 <= budget.activation and chunk > 1
+    assert stacked.point_chunk(61, n_params=budget.parameters, widest=1, rows=1, device=cpu) == 1
+    rows = stacked.batch_rows(chunk, 1437, 2048, 256, cpu)
+    assert chunk * rows * 256 <= budget.activation
+
+
+CUDA_MODELS = {"vgg16-bn": (lambda: build("vgg16_bn", (3, 32, 32), 10, width=0.5), (3, 32, 32)),
+               "preresnet20": (lambda: build("preresnet20", (3, 32, 32), 10), (3, 32, 32))}
+
+
+def _cuda_case(name, n=3000):
+    make, shape = CUDA_MODELS[name]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+    nets = [_bn_variant(make, seed) for seed in range(2)]
+    return make, linear(nets[0].state_dict(), nets[1].state_dict()), (x.cuda(), y.cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", CUDA_MODELS)
+def test_cuda_batched_batchnorm_matches_the_reference(name):
+    """cuDNN picks its kernels (some non-deterministic) by shape: chunks and one point differ in rounding only."""
+    torch.backends.cudnn.benchmark = True
+    try:
+        make, path, split = _cuda_case(name)
+        kw = dict(num_points=9, bn_items=2048, progress=False, device="cuda")
+        fast = evaluate_path(make(), path, split, **kw)
+        slow = evaluate_path(make(), path, split, batched=False, **kw)
+    finally:
+        torch.backends.cudnn.benchmark = False
+    for key in fast.metrics:
+        torch.testing.assert_close(torch.tensor(fast.metrics[key]), torch.tensor(slow.metrics[key]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_memory_stays_within_the_budget(monkeypatch):
+    """Peak memory of a batched evaluation: the stacked parameters plus a few widest activations."""
+    make, path, split = _cuda_case("vgg16-bn")
+    budget = stacked.Budget(parameters=200_000_000, activation=1 << 26)
+    monkeypatch.setattr(stacked, "budgets", lambda device: budget)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    evaluate_path(make(), path, split, num_points=9, progress=False, device="cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    params = sum(p.numel() for p in make().parameters())
+    chunk = stacked.point_chunk(9, params, 64 * 32 * 32, 512, torch.device("cuda"))
+    assert chunk > 1
+    assert peak <= 4 * (3 * chunk * params + 8 * budget.activation)

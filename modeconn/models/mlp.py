@@ -8,8 +8,8 @@ from torch import nn
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 256), bias: bool = True,
-        dropout: float = 0.0) -> nn.Sequential:
-    """``Flatten, [Linear, ReLU, Dropout(p) if p > 0] * len(hidden), Linear``.
+        dropout: float = 0.0, batch_norm: bool = False) -> nn.Sequential:
+    """``Flatten, [Linear, BatchNorm1d if batch_norm, ReLU, Dropout(p) if p > 0] * len(hidden), Linear``.
 
     A plain ``nn.Sequential``: state-dict keys are ``"1.weight"``, ``"3.weight"``, ...
     ``hidden=()`` gives a linear model.
@@ -19,7 +19,10 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (2
     in_features = math.prod(int(s) for s in input_shape)
     layers: list[nn.Module] = [nn.Flatten()]
     for width in hidden:
-        layers += [nn.Linear(in_features, int(width), bias=bias), nn.ReLU()]
+        layers.append(nn.Linear(in_features, int(width), bias=bias))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(int(width)))
+        layers.append(nn.ReLU())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         in_features = int(width)
