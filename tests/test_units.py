@@ -67,7 +67,11 @@ BUILTIN = [
     ("vgg11", (1, 8, 8), dict(width=1 / 16, fc_width=8)),
     ("vgg11_bn", (3, 16, 16), dict(width=1 / 16, fc_width=8)),
     ("vgg11_dropout", (3, 8, 8), dict(width=1 / 16, fc_width=8)),
+    ("vgg16", (3, 32, 32), dict(width=1 / 16, fc_width=8)),
+    ("vgg16_bn", (3, 32, 32), dict(width=1 / 16, fc_width=8)),
     ("preresnet20", (3, 8, 8), dict(width=0.25)),
+    ("preresnet110", (3, 8, 8), dict(width=0.25)),
+    ("preresnet164", (3, 8, 8), dict(width=0.25)),
     ("preresnet", (1, 8, 8), dict(depth=11, block="bottleneck", width=0.25)),
 ]
 
@@ -208,6 +212,16 @@ def test_unsupported_layer_named():
     assert isinstance(info.value, ValueError)
 
 
+def test_unsupported_function_names_node_and_module():
+    class Stack(nn.Module):
+        def forward(self, x):
+            return torch.stack([x, x], dim=1).flatten(1)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU(), Stack()), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"torch.stack \(node 'stack' in module '1.1'\)"):
+        infer(model, torch.randn(1, 3))
+
+
 def test_shared_weights_rejected():
     class Shared(nn.Module):
         def __init__(self):
@@ -301,9 +315,9 @@ def test_transformer_encoder(norm_first):
 class GPT(nn.Module):
     """A GPT-style decoder: tied embeddings, learned positions, causal SDPA over a fused q/k/v projection."""
 
-    def __init__(self, vocab=11, d=16, heads=4, layers=2, context=8):
+    def __init__(self, vocab=11, d=16, heads=4, layers=2, context=8, functional_head=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.functional_head = heads, functional_head
         self.wte = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.1 * torch.randn(1, context, d))
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
@@ -322,7 +336,14 @@ class GPT(nn.Module):
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + blk["proj"](y.transpose(1, 2).reshape(B, T, -1))
             x = x + blk["out"](nn.functional.gelu(blk["fc"](blk["ln2"](x))))
+        if self.functional_head:
+            return nn.functional.linear(self.ln_f(x), self.wte.weight)
         return self.lm_head(self.ln_f(x))
+
+
+def test_gpt_decoder_functional_tied_head():
+    spec = assert_permutation_invariant(GPT(functional_head=True), None, x=torch.randint(0, 11, (3, 8)))
+    assert spec.output == ["wte.weight"] and [a.name for a in spec.group("wte").consumers].count("wte.weight") == 0
 
 
 def test_gpt_decoder():
@@ -332,7 +353,7 @@ def test_gpt_decoder():
     assert (qk.size, qk.blocks, v.blocks) == (16, 4, 4) and qk.tie == v.tie is not None
     assert UnitAxis("blocks.0.qkv.weight", 0, 1, 16) in qk.producers  # k rows
     assert {"pos", "blocks.1.out.bias", "ln_f.weight"} <= {a.name for a in spec.group("wte").producers}
-    assert UnitAxis("lm_head.weight", 1) in spec.group("wte").consumers and spec.output == ["lm_head.weight"]
+    assert UnitAxis("lm_head.weight", 1) in spec.group("wte").axes and spec.output == ["lm_head.weight"]
 
 
 class DenseBlock(nn.Module):

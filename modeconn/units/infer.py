@@ -4,6 +4,7 @@ one small handler per kind of node (tables below and in :mod:`~modeconn.units.op
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -218,14 +219,23 @@ def infer(model: nn.Module, example_input, *, strict: bool = True) -> UnitSpec:
         model.train(was_training)
     ctx = _Context(gm, strict)
     outputs = ctx.trace()
-    spec = _assemble(ctx, outputs, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    spec = _assemble(ctx, outputs, model)
     spec.skipped = skipped + ctx.skipped + spec.skipped
     spec.covered = spec.coverage(model)
     return spec
 
 
-def _assemble(ctx: _Context, outputs: list, shapes: dict[str, tuple[int, ...]]) -> UnitSpec:
+def _assemble(ctx: _Context, outputs: list, model: nn.Module) -> UnitSpec:
     G = ctx.G
+    state = model.state_dict(keep_vars=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    same: dict[int, list[str]] = {}
+    for k, v in state.items():  # tied weights: every key of one tensor moves alike
+        same.setdefault(id(v), []).append(k)
+
+    def alias(axes):
+        return [replace(ax, name=k) for ax in axes for k in same.get(id(state.get(ax.name)), [ax.name])]
+
     out_roots = {g for n in outputs for g, _ in G.leaves(ctx._parts_in(ctx.state(n)))}
     leaves = sorted({g for g in range(len(G.parent)) if G.find(g) == g and G.data[g].children is None},
                     key=lambda r: G.data[r].order)
@@ -266,8 +276,10 @@ def _assemble(ctx: _Context, outputs: list, shapes: dict[str, tuple[int, ...]]) 
             name += "'"
         names.add(name)
         tie_name = None if tie is None else tie_names.setdefault(tie, name)
-        groups.append(UnitGroup(name, d.size, list(dict.fromkeys(d.producers)), list(dict.fromkeys(d.consumers)),
-                                list(d.layers), blocks=d.blocks, tie=tie_name, mixing=list(d.mixing)))
+        producers = list(dict.fromkeys(alias(d.producers)))  # a tied weight reads the units it makes: once
+        consumers = [ax for ax in dict.fromkeys(alias(d.consumers)) if ax not in producers]
+        groups.append(UnitGroup(name, d.size, producers, consumers, list(d.layers), blocks=d.blocks, tie=tie_name,
+                                mixing=list(d.mixing)))
     _check_disjoint(groups, ctx.strict, skipped)
     return UnitSpec(groups=groups, output=output, skipped=skipped)
 

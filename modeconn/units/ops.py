@@ -250,7 +250,7 @@ def cat(ctx, node):
 
 def split(ctx, node):
     """``split`` / ``chunk``: along the unit axis each piece gets its own part of the groups."""
-    s = elementwise_first(ctx, node)
+    s = elementwise(ctx, node)
     metas = node.meta.get("tensor_meta")
     shape = ctx.shape(node.args[0])
     if s is None or not isinstance(metas, (tuple, list)):
@@ -263,14 +263,6 @@ def split(ctx, node):
         ctx.fail("it splits attention heads")
     pieces = ctx.G.cut(s.parts, [int(m.shape[dim]) for m in metas], ctx.where)
     return tuple(Units(s.axis, p) for p in pieces)
-
-
-def elementwise_first(ctx, node):
-    s = ctx.state(node.args[0])
-    others = [x for x in ctx.inputs(node) if x is not node.args[0] and ctx.state(x) is not None]
-    if others:
-        ctx.fail("it takes more than one hidden-unit tensor")
-    return s
 
 
 def getitem(ctx, node):

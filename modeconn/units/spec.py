@@ -232,9 +232,6 @@ class UnitSpec:
             out[g.name] = join_perm(sigmas[key], inner)
         return out
 
-    def identity_perms(self) -> dict[str, Tensor]:
-        return {g.name: torch.arange(g.size) for g in self.groups}
-
     def check_perms(self, perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``perms`` as LongTensors, checked: each a permutation of its group's units that keeps its blocks
         whole, groups of one tie moving their blocks alike (a tied group left out counts as unmoved)."""
