@@ -334,13 +334,21 @@ def read_meta(path: str | os.PathLike) -> dict | None:
     """The sidecar of checkpoint ``path`` as a dict, or ``None`` when there is none."""
     side = sidecar_path(path)
     try:
-        text = side.read_text()
+        text = side.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise UnreadableFileError(f"checkpoint sidecar {side} is not text (random bytes or another format); "
+                                  f"delete it and {Path(path).name} to start that step over") from None
     try:
-        return json.loads(text)
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint sidecar {side} is not valid JSON: {e}") from e
+        raise UnreadableFileError(f"checkpoint sidecar {side} is not valid JSON ({e}); delete it and "
+                                  f"{Path(path).name} to start that step over") from None
+    if not isinstance(meta, dict):
+        raise UnreadableFileError(f"checkpoint sidecar {side} holds a JSON {type(meta).__name__}, not an object; "
+                                  f"delete it and {Path(path).name} to start that step over")
+    return meta
 
 
 def load_checkpoint(

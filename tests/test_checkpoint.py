@@ -254,3 +254,15 @@ def test_save_checkpoint_moves_tensors_to_cpu_and_copies(tmp_path):
     loaded, _ = load_checkpoint(tmp_path / "v.pt")
     assert torch.equal(loaded["w"], torch.tensor([2.0, 3.0]))
     assert loaded["w"].untyped_storage().nbytes() == 2 * 4
+
+
+@pytest.mark.parametrize("content, words", [(b"{not json", "is not valid JSON"), (b"\xff\xfe\x00garbage", "is not text"),
+                                            (b"[1, 2]", "holds a JSON list, not an object")])
+def test_a_damaged_sidecar_is_named_with_what_to_delete(tmp_path, content, words):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, mlp().state_dict(), {})
+    sidecar_path(path).write_bytes(content)
+    with pytest.raises(UnreadableFileError) as err:
+        read_meta(path)
+    msg = str(err.value)
+    assert f"checkpoint sidecar {sidecar_path(path)} {words}" in msg and "delete it and model.pt" in msg
