@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path as FilePath
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,23 +33,53 @@ def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg)
 
 
-def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+def option_error(key: str, error: ValueError, options: Collection[str]) -> ConfigError:
+    """A constructor's ``ValueError`` as a config error naming the full key: ``keep must be ...`` under
+    ``path.dropout`` reads ``path.dropout.keep must be ...``; a message that names one of ``options`` (those
+    the config sets first) elsewhere reads ``path.dropout.keep: ...``; any other gets ``path.dropout: ...``."""
+    text = str(error)
+    if text.split(" ", 1)[0] in options:
+        return ConfigError(f"{key}.{text}")
+    named = [o for o in options if re.search(rf"(?<![\w.]){re.escape(o)}(?![\w(])", text)]
+    return ConfigError(f"{key}.{named[0]}: {text}" if named else f"{key}: {text}")
 
 
-# Cheap range checks of path options, so a bad value fails before any endpoint is trained.
-PATH_OPTION_RULES: dict[str, tuple[Callable, str]] = {
-    "dropout.keep": (lambda v: isinstance(v, (int, float)) and 0 < v <= 0.5, "in (0, 0.5] (Lemma 2 needs half the units free)"),
-    "dropout.trials": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
-    "noise.p": (lambda v: isinstance(v, (int, float)) and 0.5 <= v < 1, "in [0.5, 1) (smaller p: use path=narrow)"),
-    "narrow.p": (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "in (0, 1)"),
-    "bezier.num_bends": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-    "polychain.num_bends": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-    "bezier.epochs": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
-    "polychain.epochs": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
-    "bezier.lr": (_positive, "a positive number"),
-    "polychain.lr": (_positive, "a positive number"),
-}
+def _like(default, value) -> bool:
+    """Whether ``value`` has the type of a builder's ``default`` (sizes: integers >= 1)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)) and all(isinstance(d, int) for d in default):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
+    return True
+
+
+def _describe_like(default) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    return "a list of integers >= 1"
+
+
+def check_model(cfg: DictConfig) -> None:
+    """``model.*``: known options of the chosen builder, each of the type of the builder's default."""
+    from modeconn.models import MODELS
+
+    options = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
+    builder = MODELS[cfg.model.name]
+    check_kwargs("model", options, builder, reserved=("input_shape", "num_classes"))
+    params = inspect.signature(builder).parameters
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        require(default is inspect.Parameter.empty or default is None or _like(default, value), f"model.{key}",
+                _describe_like(default), value)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -58,11 +89,17 @@ def validate(cfg: DictConfig) -> None:
     from modeconn.paths.registry import BUILDERS
     from modeconn.train import TrainConfig
 
+    to_container(cfg)  # every interpolation resolves (an error names its key)
     require(cfg.data.name in NAMES, "data.name", f"one of {', '.join(NAMES)}", cfg.data.name)
     require(cfg.model.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", cfg.model.name)
     require(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "a non-negative integer", cfg.seed)
     require(str(cfg.device) == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"), "device",
             "auto, cpu, cuda or cuda:N", cfg.device)
+    if str(cfg.device).startswith("cuda"):
+        import torch
+
+        require(torch.cuda.is_available(), "device", "auto or cpu on this machine (no CUDA device)", cfg.device)
+    check_model(cfg)
     threads = cfg.get("threads")
     require(threads is None or (isinstance(threads, int) and threads >= 1), "threads", "null or a positive integer", threads)
     try:
@@ -97,10 +134,11 @@ def validate(cfg: DictConfig) -> None:
         require(name in BUILDERS, "path", f"chosen from {', '.join(BUILDERS)}", name)
         options = to_container(options or {})
         check_kwargs(f"path.{name}", options, BUILDERS[name].function, BUILDERS[name].reserved)
-        for key, value in options.items():
-            rule = PATH_OPTION_RULES.get(f"{name}.{key}")
-            if rule is not None:
-                require(rule[0](value), f"path.{name}.{key}", rule[1], value)
+        try:
+            BUILDERS[name].check_options(options)  # the constructor's own checks, before any training
+        except ValueError as e:
+            known = [*options, *inspect.signature(BUILDERS[name].function).parameters]
+            raise option_error(f"path.{name}", e, known) from None
     if cfg.get("endpoints") is not None:
         ends = list(cfg.endpoints)
         require(len(ends) == 2, "endpoints", "null or a list of two checkpoint files", ends)
