@@ -177,10 +177,12 @@ def check_labels(labels: Tensor, num_classes: int, what: str = "labels") -> None
 
 def expected_input(model: nn.Module) -> str:
     """What the model's first layer takes, in words (e.g. ``"(N, 64)"`` or ``"(N, 3, H, W)"``)."""
+    flattens = False
     for module in model.modules():
+        flattens = flattens or isinstance(module, nn.Flatten)
         if isinstance(module, nn.Linear):
-            return f"(N, {module.in_features}) or any shape with {module.in_features} values per example " \
-                   "ahead of a Flatten"
+            return f"(N, {module.in_features})" + (f", or {module.in_features} values per example in any shape, "
+                                                  "flattened" if flattens else "")
         if isinstance(module, nn.modules.conv._ConvNd):
             dims = ", ".join("HWD"[i] for i in range(len(module.kernel_size)))
             return f"(N, {module.in_channels}, {dims})"
