@@ -36,8 +36,9 @@ def plot_noise_stability(result, out_png: str | FilePath, layers: Sequence[int] 
 
     ``layers``: 1-based layer numbers to show (default all). Undefined cells (contraction of the output
     layer, smoothness of layers 1 and d) are left empty with a note; infinite values (e.g. smoothness of a
-    layer that acts linearly on the data) are not binned, their count is written in the panel. The median is
-    a dashed line. The PNG is written atomically.
+    layer that acts linearly on the data) are not binned, their count is written in the panel. Positive values
+    spanning decades get log-spaced bins on a log axis. The median is a dashed line. The PNG is written
+    atomically.
     """
     d = int(result.d)
     cols = list(layers) if layers is not None else list(range(1, d + 1))
@@ -70,7 +71,11 @@ def plot_noise_stability(result, out_png: str | FilePath, layers: Sequence[int] 
                 if not hi > lo:
                     pad = max(abs(lo) * 1e-3, 1e-9)
                     lo, hi = lo - pad, hi + pad
-                ax.hist(finite, bins=bins, range=(lo, hi), color="C0", alpha=0.8)
+                if lo > 0 and spans_decades(finite):  # log-spaced bins: the small values get their own bars
+                    ax.hist(finite, bins=np.geomspace(lo, hi, bins + 1), color="C0", alpha=0.8)
+                    ax.set_xscale("log")
+                else:
+                    ax.hist(finite, bins=bins, range=(lo, hi), color="C0", alpha=0.8)
                 ax.axvline(float(np.median(finite)), color="k", ls="--", lw=0.8)
             notes = []
             if n_inf:
