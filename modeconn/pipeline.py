@@ -127,8 +127,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
     given = given_endpoints(cfg, model)  # unreadable or foreign checkpoint files stop the run here
     prov = runrecord.provenance(device)
     finished = runrecord.check_existing(cfg, out_dir, prov)
-    if finished is not None:
-        log.info("%s is a finished run with this config; not redoing it", out_dir)
+    if finished is not None:  # not logged: its cli.log stays as the run left it
         return {**finished, "skipped": True}
     check_finite_endpoints(given, model, data)  # so do NaN or infinite ones
     if record is not None:

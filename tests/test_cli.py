@@ -124,3 +124,60 @@ def test_endpoint_stability_measurements_for_the_paper_figures(tmp_path):
     for name in ("stability.json", "dropout_stability.png", "noise_stability_seed0.png", "noise_stability_seed1.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "## Endpoint stability" in (tmp_path / "report.md").read_text()
+
+
+def test_a_refused_rerun_leaves_the_finished_run_untouched(tmp_path, capsys, monkeypatch):
+    from test_errors import invoke, snapshot
+
+    args = [*TINY, f"hydra.run.dir={tmp_path}/run"]
+    assert invoke(args, capsys, monkeypatch, tmp_path)[0] == 0
+    record = snapshot(tmp_path / "run")
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "cli.log"} <= set(record)
+    code, _, err = invoke([*args, "trainer.epochs=3"], capsys, monkeypatch, tmp_path)
+    assert code == 2 and "another config" in err
+    code, out, _ = invoke(args, capsys, monkeypatch, tmp_path)
+    assert code == 0 and "already finished" in out
+    assert snapshot(tmp_path / "run") == record  # Hydra's record of the finished run included
+
+
+def test_changed_endpoint_files_are_refused_instead_of_already_finished(tmp_path):
+    import shutil
+
+    import torch
+
+    run(config(), tmp_path / "a")
+    for k in (0, 1):
+        for ext in ("pt", "json"):
+            shutil.copy(tmp_path / f"a/endpoints/seed{k}.{ext}", tmp_path / f"end{k}.{ext}")
+    ends = f"endpoints=[{tmp_path}/end0.pt,{tmp_path}/end1.pt]"
+    summary = run(config(ends), tmp_path / "b")
+    assert all(len(e["sha256"]) == 64 for e in summary["endpoints"])
+    assert run(config(ends), tmp_path / "b")["skipped"]
+    state = torch.load(tmp_path / "end1.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "end1.pt")
+    with pytest.raises(ConfigError, match=r"end1\.pt changed"):
+        run(config(ends), tmp_path / "b")
+    (tmp_path / "a/endpoints/seed0.pt").write_bytes((tmp_path / "end1.pt").read_bytes())  # a run's own endpoint
+    with pytest.raises(ConfigError, match=r"seed0\.pt changed"):
+        run(config(), tmp_path / "a")
+
+
+def test_a_run_records_what_its_numbers_depend_on_and_refuses_other_threads(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    summary = run(config(), tmp_path)
+    prov = summary["provenance"]
+    assert prov["threads"] == threads and prov["torch"] == torch.__version__ and prov["device"] == "cpu"
+    assert {"device_name", "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark"} <= set(prov)
+    assert f"{threads} CPU thread(s)" in (tmp_path / "report.md").read_text()
+    try:
+        with pytest.raises(ConfigError, match=rf"threads {threads} -> {threads + 1}"):
+            run(config(f"threads={threads + 1}"), tmp_path)
+        assert run(config(f"threads={threads + 1}", "allow_provenance_change=true"), tmp_path)["skipped"]
+        # an interrupted run: started under one thread count, resumed under another
+        (tmp_path / "summary.json").unlink()
+        with pytest.raises(ConfigError, match="interrupted run was started under other settings"):
+            run(config(f"threads={threads + 1}"), tmp_path)
+    finally:
+        torch.set_num_threads(threads)
