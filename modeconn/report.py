@@ -1,13 +1,19 @@
-"""``modeconn report RUN_DIR...``: a table across finished runs, mean and standard deviation of every
-barrier per path (for example over a sweep of seeds)."""
+"""``modeconn report RUN_DIR...``: tables across finished runs, mean and standard deviation of every
+barrier per path over the runs that share a config but for the seed (for example a sweep of seeds).
+
+Runs are grouped by their ``config.yaml`` minus ``seed`` and the keys that change no result (``progress``
+...); each group gets its own table, headed by the keys in which the groups differ. Numbers of different
+configs are never averaged together."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path as FilePath
 
 import numpy as np
+from omegaconf import OmegaConf
 
 COLUMNS = ("max", "epsilon", "chord", "mean", "midpoint", "length_weighted_mean")
 
@@ -42,6 +48,65 @@ def aggregate(summaries: list[dict], metric: str = "train_loss") -> dict[str, di
             for name, cols in values.items()}
 
 
+GROUP_IGNORED = ("seed",)  # besides runrecord.NOT_COMPARED: what a group of repeated runs may differ in
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def run_config(summary_file: FilePath) -> tuple[dict, object]:
+    """(the run's result config as dotted keys without its seed, its seed); a run without ``config.yaml``
+    is keyed by its directory, so it forms a group of its own."""
+    from modeconn.runrecord import result_config
+
+    config_file = summary_file.parent / "config.yaml"
+    if not config_file.exists():
+        return {"run": str(summary_file.parent)}, None
+    flat = _flatten(result_config(OmegaConf.load(config_file)))
+    seed = flat.pop("seed", None)
+    return {k: v for k, v in flat.items() if k not in GROUP_IGNORED}, seed
+
+
+def group_runs(files: list[FilePath]) -> list[tuple[dict, list[object], list[dict]]]:
+    """[(the keys in which this group differs from the others, its seeds, its summaries)], in the order of
+    ``files``; one group per config minus seed."""
+    groups: dict[str, tuple[dict, list, list]] = {}
+    for file in files:
+        config, seed = run_config(file)
+        key = json.dumps(config, sort_keys=True, default=str)
+        groups.setdefault(key, (config, [], []))
+        groups[key][1].append(seed)
+        groups[key][2].append(_read(file))
+    configs = [g[0] for g in groups.values()]
+    keys = sorted({k for c in configs for k in c})
+    differing = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    return [({k: c.get(k) for k in differing}, seeds, summaries) for c, seeds, summaries in groups.values()]
+
+
+def _read(file: FilePath) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file} cannot be read as a run summary ({e})") from None
+
+
+def render_groups(groups: list[tuple[dict, list, list[dict]]], metric: str) -> str:
+    """One table per group; with more than one group each is headed by its differing keys."""
+    blocks = []
+    for differing, seeds, summaries in groups:
+        head = ", ".join(f"{k}={v}" for k, v in differing.items())
+        seen = ", ".join(str(s) for s in seeds if s is not None)
+        lines = [f"### {head}", ""] if head else []
+        if seen:
+            lines.append(f"seed(s) {seen}")
+        lines.append(render(aggregate(summaries, metric), metric, len(summaries)))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def render(table: dict, metric: str, runs: int) -> str:
     cols = (*COLUMNS, "bound")
     lines = [f"{runs} run(s); {metric}; mean ± std over runs", "",
@@ -63,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         files = find_summaries(args.runs)
-    except FileNotFoundError as e:
-        print(f"modeconn report: error: {e}")
+        groups = group_runs(files)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"modeconn report: error: {e}", file=sys.stderr)
         return 2
     if not files:
-        print("modeconn report: no finished runs (summary.json) found")
+        print("modeconn report: no finished runs (summary.json) found", file=sys.stderr)
         return 1
-    summaries = [json.loads(f.read_text()) for f in files]
-    print(render(aggregate(summaries, args.metric), args.metric, len(summaries)))
+    print(render_groups(groups, args.metric))
     if args.figures is not None:
         from modeconn.figures import redraw
 

@@ -181,3 +181,25 @@ def test_a_run_records_what_its_numbers_depend_on_and_refuses_other_threads(tmp_
             run(config(f"threads={threads + 1}"), tmp_path)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_report_groups_runs_by_config_minus_seed_and_never_pools_configs(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from modeconn import report
+
+    for i, (hidden, seed, value) in enumerate([([64, 64], 0, 1.0), ([64, 64], 1, 2.0), ([64, 64], 2, 3.0),
+                                               ([256, 256], 0, 10.0), ([256, 256], 1, 20.0), ([256, 256], 2, 30.0)]):
+        cfg = config(f"model.hidden={hidden}".replace(" ", ""), f"seed={seed}", f"progress={i % 2 == 0}")
+        (tmp_path / str(i)).mkdir()
+        OmegaConf.save(cfg, tmp_path / str(i) / "config.yaml")
+        barriers = {col: value for col in report.COLUMNS}
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps(
+            {"paths": {"linear": {"barriers": {"train_loss": barriers}, "bound": None}}}))
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    narrow, wide = out.split("### model.hidden=[256, 256]")
+    assert "### model.hidden=[64, 64]" in narrow and "seed" not in narrow.split("\n")[0]
+    assert "| linear | 3 | 2.0000 ± 0.8165" in narrow and "| linear | 3 | 20.0000 ± 8.1650" in wide
+    assert "seed(s) 0, 1, 2" in narrow and "progress" not in out  # progress changes no result
+    assert "| 6 |" not in out and "11.0000" not in out  # never one row over both widths
