@@ -11,20 +11,32 @@ work starts (no training, no path, no evaluation on bad input).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NonFiniteError", "first_non_finite", "require_finite", "check_finite_endpoints", "check_path_losses", "check_compatible", "check_states", "check_labels",
-           "check_model_data", "expected_input", "check_times"]
+__all__ = ["NonFiniteError", "first_non_finite", "require_finite", "check_finite_endpoints", "check_path_losses",
+           "check_compatible", "check_states", "check_labels", "check_model_data", "expected_input", "check_times"]
 
 
 class NonFiniteError(ValueError):
     """A tensor or a loss that must be finite holds NaN or infinity."""
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout, BatchNorm's running statistics), its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------ finiteness
@@ -74,12 +86,8 @@ def check_finite_endpoints(ends: Sequence[Mapping[str, Any]] | None, model: nn.M
         param = next(iter(model.parameters()), None)
         x, y = materialize(data, "train", max_items=items, device=param.device if param is not None else None)
         state = {k: v.to(x.device) for k, v in end["state"].items() if torch.is_tensor(v)}
-        was_training = model.training
-        model.eval()
-        try:
+        with _in_eval_mode(model):
             loss = torch.nn.functional.cross_entropy(functional_call(model, state, (x,)).float(), y)
-        finally:
-            model.train(was_training)
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"{what}: its loss on the first {len(y)} training examples is {loss.item()} "
                                  "(finite weights, but the network overflows)")
@@ -99,8 +107,12 @@ def check_path_losses(evaluation: Any) -> None:
 
 # ------------------------------------------------------------------------------------ endpoints
 
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 def _dtype_names(state: Mapping[str, Tensor]) -> str:
-    return ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in state.values() if torch.is_tensor(v)}))
+    return ", ".join(sorted({_dtype(v) for v in state.values() if torch.is_tensor(v)}))
 
 
 def check_compatible(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str = "endpoints") -> None:
@@ -134,7 +146,7 @@ def check_states(a: Mapping[str, Any], b: Mapping[str, Any], model: nn.Module | 
             raise ValueError(f"the {name} of the {what} holds no floating-point tensors (dtypes: {_dtype_names(state)}); "
                              "a path needs float parameters: convert them with .float()")
     shared = [k for k in a if k in b and torch.is_tensor(a[k]) and torch.is_tensor(b[k])]
-    dtypes = [f"{k}: {str(a[k].dtype).replace('torch.', '')} vs {str(b[k].dtype).replace('torch.', '')}"
+    dtypes = [f"{k}: {_dtype(a[k])} vs {_dtype(b[k])}"
               for k in shared if a[k].dtype != b[k].dtype]
     if dtypes:
         raise ValueError(f"the {what} have different dtypes ({'; '.join(dtypes[:5])}"
@@ -150,7 +162,7 @@ def check_states(a: Mapping[str, Any], b: Mapping[str, Any], model: nn.Module | 
             detail = "; ".join(([f"keys the model does not have: {unknown[:5]}"] if unknown else [])
                                + ([f"shapes differ: {wrong[:5]}"] if wrong else []))
             raise ValueError(f"the {what} do not fit the model ({detail})")
-        mixed = [f"{k}: {str(a[k].dtype).replace('torch.', '')} vs the model's {str(own[k].dtype).replace('torch.', '')}"
+        mixed = [f"{k}: {_dtype(a[k])} vs the model's {_dtype(own[k])}"
                  for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point() and own[k].is_floating_point()
                  and a[k].dtype != own[k].dtype]
         if mixed:
@@ -199,7 +211,7 @@ def _inputs_and_labels(data: Any) -> tuple[Tensor | None, list[Tensor]]:
         return data[0][:2], [data[1]]
     if isinstance(data, (list, tuple)) and data and all(_is_pair(batch) for batch in data):
         return data[0][0][:2], [batch[1] for batch in data]
-    return None, []  # a one-shot iterator: checked by the loop that consumes it
+    return None, []  # a one-shot iterator is not read ahead: its first batch would be lost to training
 
 
 @torch.no_grad()
@@ -210,21 +222,16 @@ def check_model_data(model: nn.Module, data: Any, what: str = "data") -> None:
     x, labels = _inputs_and_labels(data)
     if x is None:
         return
-    if not x.is_floating_point():
-        raise ValueError(f"{what}: inputs must be floating-point tensors; got dtype {x.dtype}")
     param = next(iter(model.parameters()), None)
     if param is not None:
         x = x.to(device=param.device)
-    was_training = model.training
-    model.eval()
     try:
-        out = model(x)
+        with _in_eval_mode(model):
+            out = model(x)
     except (RuntimeError, ValueError, TypeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{what}: inputs of shape (N, {', '.join(map(str, x.shape[1:]))}) do not fit the model, "
                          f"which expects {expected_input(model)} ({reason})") from None
-    finally:
-        model.train(was_training)
     num_classes = getattr(data, "num_classes", None)
     if torch.is_tensor(out) and out.dim() == 2:
         outputs = int(out.shape[1])
