@@ -1,5 +1,16 @@
-"""Small trained networks shared by the path-construction tests (trained once per session)."""
+"""Small trained networks shared by the path-construction tests: trained once, kept on disk.
+
+:func:`trained_pair` keeps each pair for the session and, when ``CACHE`` is set (by ``conftest.py``, to a
+folder of pytest's cache), on disk under a digest of everything that determines the nets: the key, the
+architecture, the training code and settings, the data, the device type and the torch version. Training
+runs inside ``torch.random.fork_rng``, so a cached pair leaves the random state exactly as a fresh one does.
+"""
 from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,19 +23,21 @@ from modeconn.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.evaluate import PathEval, evaluate_path
 from modeconn.models import build
 from modeconn.paths.base import float_state
-from modeconn.paths.moves import OUTPUT, PERMUTE, REWIRE
+from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
 
 N_ITEMS = 600   # training examples of sklearn's digits the nets see
 STEPS = 150     # full-batch Adam steps
 
 _PAIRS: dict = {}
+CACHE: Path | None = None
 
 
 def train_full_batch(make, data, seed: int, steps: int = STEPS, lr: float = 1e-2) -> nn.Module:
-    """A net from ``make()`` (initialised with ``seed``) trained by full-batch Adam on ``data``."""
+    """A net from ``make()`` (initialised with ``seed``) trained by full-batch Adam on ``data``, on the
+    data's device."""
     x, y = data
     torch.manual_seed(seed)
-    model = make()
+    model = make().to(x.device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
@@ -34,11 +47,37 @@ def train_full_batch(make, data, seed: int, steps: int = STEPS, lr: float = 1e-2
     return model.eval()
 
 
+def _digest(key, make, data, steps: int) -> str:
+    x, y = data
+    parts = [repr(key), repr(make()), str(steps), inspect.getsource(train_full_batch), str(tuple(x.shape)),
+             x.device.type, torch.__version__]
+    h = hashlib.sha256("\n".join(parts).encode())
+    h.update(x.detach().cpu().numpy().tobytes())
+    h.update(y.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def trained_pair(key, make, data, steps: int = STEPS) -> tuple[nn.Module, nn.Module]:
-    """Two trained nets (seeds 0 and 1), cached for the session under ``key``."""
-    if key not in _PAIRS:
-        _PAIRS[key] = (train_full_batch(make, data, 0, steps), train_full_batch(make, data, 1, steps))
-    return _PAIRS[key]
+    """Two trained nets (seeds 0 and 1) for ``key``: from the session, from the disk cache, or trained."""
+    if key in _PAIRS:
+        return _PAIRS[key]
+    device = data[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        file = None if CACHE is None else CACHE / f"{_digest(key, make, data, steps)}.pt"
+        if file is not None and file.exists():
+            states = torch.load(file, map_location=device, weights_only=True)
+            pair = tuple(make().to(device) for _ in states)
+            for net, state in zip(pair, states):
+                net.load_state_dict(state)
+                net.eval()
+        else:
+            pair = (train_full_batch(make, data, 0, steps), train_full_batch(make, data, 1, steps))
+            if file is not None:
+                tmp = file.with_suffix(f".{os.getpid()}.tmp")
+                torch.save([net.state_dict() for net in pair], tmp)
+                os.replace(tmp, file)
+    _PAIRS[key] = pair
+    return pair
 
 
 def mlp(hidden):
@@ -58,7 +97,7 @@ def profile_segments(model, path, data, points: int) -> tuple[PathEval, np.ndarr
         for s in np.linspace(0.0, 1.0, points):
             ts.append(hi if s == 1.0 else lo + (hi - lo) * float(s))
             seg.append(i)
-    ev = evaluate_path(model, path, data, ts=ts, device="cpu", progress=False)
+    ev = evaluate_path(model, path, data, ts=ts, device=data[0].device, progress=False)
     loss = np.asarray(ev.metrics["train_loss"])
     scale = max(1.0, float(loss.max()))
     for i, label in enumerate(path.labels):

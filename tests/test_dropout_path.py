@@ -17,18 +17,12 @@ from torch.func import functional_call
 from modeconn.models import build
 from modeconn.paths.base import float_state
 from modeconn.paths.dropout import LABELS, dropout_path
-from modeconn.paths.moves import (
-    OUTPUT,
-    PERMUTE,
-    REWIRE,
-    Chain,
-    UnsupportedArchitectureError,
-    dropout_state,
-    lemma1,
-    lemma2,
-    states_equal,
-)
-from modeconn.stability.dropout import dropout_stability
+from modeconn.kuditipudi.chain import Chain, UnsupportedArchitectureError
+from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
+from modeconn.kuditipudi.lemma1 import dropout_state, lemma1
+from modeconn.kuditipudi.lemma2 import lemma2
+from modeconn.stability import dropout_stability
+from modeconn.state import states_equal
 from modeconn.units import infer
 from nets import ResidualMLP, bn_mlp, folded_endpoints, N_ITEMS, mlp, profile_segments, trained_pair
 
@@ -69,6 +63,10 @@ def _check_path(path, model, data, theta_a, theta_b, points=7):
     assert loss[-1] == pytest.approx(info["loss_b"], abs=1e-6)
     assert loss.max() <= path.bound + 1e-5
     assert ev.bound == path.bound and ev.within_bound
+    (whole,) = path.certificate.bounds  # one exact bound over the whole path, with its terms
+    assert whole.exact and (whole.first, whole.last) == (0, n) and whole.value == path.bound
+    assert whole.terms == {"L(theta_a)": info["loss_a"], "L(theta_b)": info["loss_b"],
+                           "epsilon_a": info["epsilon_a"], "epsilon_b": info["epsilon_b"]}
 
     # Lemma 1 passes through every theta_k: each L(theta_A,k) is the loss at one of its knots (same for B)
     knot_loss = [float(loss[seg.index(i)]) for i in range(n)] + [float(loss[-1])]

@@ -18,9 +18,12 @@ import torch
 from modeconn.batchnorm import has_batchnorm
 from modeconn.models import build
 from modeconn.paths.base import float_state
-from modeconn.paths.moves import PERMUTE, Chain, UnsupportedArchitectureError
-from modeconn.paths.noise import DROPOUT, LABELS, narrow_path, narrow_widths, noise_path
-from modeconn.stability.dropout_mask import apply_dropout, dropout_masks
+from modeconn.kuditipudi.chain import Chain, UnsupportedArchitectureError
+from modeconn.kuditipudi.edits import PERMUTE
+from modeconn.kuditipudi.narrow import narrow_widths
+from modeconn.paths import narrow_path, noise_path
+from modeconn.paths.noise import DROPOUT, LABELS
+from modeconn.stability import apply_dropout, dropout_masks
 from modeconn.train import TrainConfig
 from modeconn.units import infer, unit_slices
 from nets import ResidualMLP, bn_mlp, folded_endpoints, mlp, profile_segments, trained_pair
@@ -83,12 +86,17 @@ def _check_path(path, model, data, theta_a, theta_b, points=5):
 
 
 def _lemma2_parts(path):
-    """(first segment, last segment, exact bound) of each Lemma 2 run of the path."""
-    info, n = path.info, path.num_segments
-    if "star_knot" in info:
-        k = info["star_knot"]
-        return [(1, k - 1, info["lemma2_bounds"][0]), (k, n - 2, info["lemma2_bounds"][1])]
-    return [(1, n - 2, info["lemma2_bound"])]
+    """(first segment, last segment, exact bound) of each Lemma 2 run of the path, from its certificate:
+    the exact parts are the Lemma 2 runs, between the two dropout segments."""
+    cert, n = path.certificate, path.num_segments
+    parts = cert.exact_parts
+    assert len(parts) == (2 if "star_knot" in path.info else 1) and cert.path_bound is None
+    assert parts[0].first == 1 and parts[-1].last == n - 1
+    assert all(p.last == q.first for p, q in zip(parts, parts[1:]))
+    if "star_knot" in path.info:
+        assert parts[1].first == path.info["star_knot"]
+    assert [b.exact for b in cert.bounds] == [False] + [True] * len(parts)  # the theorem's own bound: no value
+    return [(p.first, p.last - 1, p.value) for p in parts]
 
 
 def _check_lemma2_bound(path, loss, seg):
@@ -111,8 +119,10 @@ def test_mlp_noise_path(flat, hidden):
     assert info["p"] == 0.75 and info["paper_segments"] == 10
     assert path.num_segments == (5 if info["disjoint"] else 8)
     assert (PERMUTE in path.labels) == (not info["disjoint"])
-    assert info["lemma2_bound"] == max(info["loss_a1"], info["loss_b1"])
-    assert info["lemma2_max"] <= info["lemma2_bound"] + 1e-6
+    (lemma2,) = path.certificate.exact_parts
+    assert lemma2.value == max(info["loss_a1"], info["loss_b1"]) and lemma2.measured == info["lemma2_max"]
+    assert info["lemma2_max"] <= lemma2.value + 1e-6
+    assert set(path.certificate.measured.values()) == {info["dropout_a_max"], info["dropout_b_max"]}
     loss, seg = _check_path(path, a, flat, theta_a, theta_b)
     _check_lemma2_bound(path, loss, seg)
 
@@ -236,7 +246,8 @@ def test_mlp_narrow_path_and_checkpoint_reuse(flat, tmp_path):
     _check_star(path, Chain.from_spec(infer(a, flat[0][:2])))
     loss, seg = _check_path(path, a, flat, theta_a, theta_b)
     _check_lemma2_bound(path, loss, seg)
-    assert info["lemma2_bounds"] == [max(info["loss_a1"], info["loss_star"]), max(info["loss_star"], info["loss_b1"])]
+    assert [b.value for b in path.certificate.exact_parts] == [max(info["loss_a1"], info["loss_star"]),
+                                                               max(info["loss_star"], info["loss_b1"])]
 
     # a second call reuses theta* without retraining
     mtime = os.stat(ckpt).st_mtime_ns

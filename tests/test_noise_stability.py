@@ -8,13 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeconn import models
-from modeconn.stability.dropout_mask import apply_dropout, random_dropout
-from modeconn.stability.noise import (
-    LayerChain,
+from modeconn.kuditipudi.chain import Chain
+from modeconn.kuditipudi.layer_graph import LayerGraph
+from modeconn.stability import (
     NoiseStability,
     NotAChainError,
+    apply_dropout,
     noise_stability,
     operator_frobenius_norm,
+    random_dropout,
     spectral_norms,
 )
 from modeconn.units import infer
@@ -331,12 +333,12 @@ def test_conv_layer_cushion_against_dense_unrolled_operator():
     assert r.dominance[0] >= at0 - 1e-6 and r.dominance[0] <= math.sqrt(3) + 1e-6
 
 
-def test_layer_chain_downstream_reproduces_the_model():
+def test_layer_graph_downstream_reproduces_the_model():
     torch.manual_seed(0)
     net = models.build("mlp", (8,), 3, hidden=(5, 6))
     x = torch.randn(4, 8)
     gm = torch.fx.symbolic_trace(net)
-    chain = LayerChain(gm, infer(gm, x))
+    chain = LayerGraph(gm, Chain.from_spec(infer(gm, x)))
     env = chain.run(x)
     xs = [env[n] for n in chain.layer_nodes]
     out = chain.downstream(env, 0, [1, 2])(xs[0])

@@ -2,7 +2,8 @@
 from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State, linear
 from modeconn.paths.curves import CurvePath, coefficients, fit_curve, load_curve
 from modeconn.paths.dropout import dropout_path
-from modeconn.paths.noise import narrow_path, noise_path
+from modeconn.paths.narrow import narrow_path
+from modeconn.paths.noise import noise_path
 
 __all__ = ["Path", "LinearPath", "PiecewiseLinearPath", "State", "linear",
            "CurvePath", "coefficients", "fit_curve", "load_curve", "dropout_path",

@@ -13,13 +13,8 @@ import torch
 from torch import Tensor
 
 from modeconn.checks import check_compatible, check_model_data, check_states
-
-State = dict[str, Tensor]
-
-
-def float_state(state: Mapping[str, Tensor]) -> State:
-    """The floating-point entries of a state dict (parameters and float buffers), detached."""
-    return {k: v.detach() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+from modeconn.paths.certificate import Certificate
+from modeconn.state import State, float_state, interpolate
 
 
 def check_endpoints(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], model: torch.nn.Module | None = None,
@@ -50,7 +45,9 @@ class Path:
     """Base class: subclasses implement :meth:`points`.
 
     Attributes: ``name``; ``knots`` (t of each waypoint, 0 first and 1 last); ``labels`` (one per segment
-    or ``None``); ``bound`` (a theorem's loss bound for this path, or ``None``); ``model`` (the module the
+    or ``None``); ``certificate`` (what a theorem proves about this path, a
+    :class:`~modeconn.paths.certificate.Certificate`, or ``None``) and ``bound`` (its exact loss bound over
+    the whole path, or ``None``); ``model`` (the module the
     path lives in when it differs from the caller's, e.g. after BatchNorm folding, else ``None``);
     ``info`` (constructor-specific facts for reports).
     """
@@ -60,9 +57,23 @@ class Path:
     def __init__(self) -> None:
         self.knots: list[float] = [0.0, 1.0]
         self.labels: list[str] | None = None
-        self.bound: float | None = None
+        self.certificate: Certificate | None = None
         self.model: torch.nn.Module | None = None
         self.info: dict = {}
+
+    @property
+    def bound(self) -> float | None:
+        """The exact loss bound over the whole path, from :attr:`certificate` (None without one)."""
+        return None if self.certificate is None else self.certificate.path_bound
+
+    @bound.setter
+    def bound(self, value: float | None) -> None:
+        self.certificate = None if value is None else Certificate.given(value, self.num_segments)
+
+    def certify(self, certificate: Certificate) -> None:
+        """Attach what the construction proves (also to ``info``, so that evaluations carry it)."""
+        self.certificate = certificate
+        self.info["certificate"] = certificate.to_dict()
 
     def points(self, ts: Sequence[float] | Tensor) -> State:
         """Parameters at every t, each tensor with a leading axis of ``len(ts)``."""
@@ -179,7 +190,7 @@ class PiecewiseLinearPath(Path):
             i = self.segment_of(ti)
             lo, hi = self.knots[i], self.knots[i + 1]
             s = 1.0 if hi <= lo else min(max((ti - lo) / (hi - lo), 0.0), 1.0)
-            a, b = self.waypoints[i], self.waypoints[i + 1]
+            point = interpolate(self.waypoints[i], self.waypoints[i + 1], s)
             for k in out:
-                out[k].append(a[k] if s == 0.0 else b[k] if s == 1.0 else torch.lerp(a[k], b[k], s))
+                out[k].append(point[k])
         return {k: torch.stack(v) for k, v in out.items()}

@@ -5,7 +5,7 @@
     theta_A --Lemma 1--> theta_A,1 --Lemma 2 (+ Lemma 4)--> theta_B,1 --Lemma 1 reversed--> theta_B
 
 theta_X,1 is theta_X with dropout on every hidden layer (kept sets from
-:func:`modeconn.stability.dropout.dropout_stability`). Along the path the loss is at most
+:func:`modeconn.kuditipudi.dropout_stability.dropout_stability`). Along the path the loss is at most
 ``max(L(theta_A), L(theta_B)) + epsilon`` with ``epsilon = max(epsilon_A, epsilon_B)``: every segment is
 either an output-layer interpolation (loss at most the larger of its ends, each a network whose loss is
 L(theta_X) or some L(theta_X,k)) or a free-unit rewiring / permutation (loss constant). The path's
@@ -15,32 +15,39 @@ Segment count, D hidden layers: Lemma 1 has 4D - 2 segments on each side; Lemma 
 (moving theta_B,1's units from the slots they were written to into their own positions) has 3, or 0 when
 the kept sets of A and B are disjoint in every layer. Total **8D + 2**, or **8D - 1** with disjoint kept
 sets. The reference's 8D + 4 counts Lemma 4 at its general 5 segments; segments 4-5 of Lemma 4 only exist
-when a unit must move onto a slot that is itself occupied, and :func:`~modeconn.paths.moves.choose_slots`
+when a unit must move onto a slot that is itself occupied, and :func:`~modeconn.kuditipudi.lemma2.choose_slots`
 writes theta_B,1's units so that this never happens (a unit that is free in theta_A,1 keeps its own
 index; the others go to slots outside both kept sets, and their targets lie in A's kept set, which is
 empty by then). Segments that would not move anything are not emitted.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from modeconn.paths.base import PiecewiseLinearPath
-from modeconn.paths.moves import (
-    OUTPUT,
-    PERMUTE,
-    REWIRE,
-    lemma1,
-    lemma2,
-    states_equal,
-)
-import modeconn.stability.dropout as stability  # module import: stability imports paths.base
+from modeconn.kuditipudi.chain_loss import prepare_endpoints
+from modeconn.kuditipudi.dropout_stability import stability_of
+from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
+from modeconn.kuditipudi.lemma1 import lemma1
+from modeconn.kuditipudi.lemma2 import lemma2
+from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
+from modeconn.paths.certificate import Bound, Certificate
+from modeconn.state import states_equal
 
 __all__ = ["dropout_path", "LABELS"]
 
 LABELS = (OUTPUT, REWIRE, PERMUTE)
+
+
+def check_dropout_options(keep: float, trials: int, **_) -> None:
+    """:func:`dropout_path`'s option checks (the CLI runs them on a config before any training)."""
+    if not (isinstance(keep, numbers.Real) and not isinstance(keep, bool) and 0.0 < keep <= 0.5):
+        raise ValueError(f"keep must be in (0, 1/2] (Lemma 2 needs half of every layer free); got {keep!r}")
+    if not (isinstance(trials, numbers.Integral) and not isinstance(trials, bool) and trials >= 1):
+        raise ValueError(f"trials must be a positive integer; got {trials!r}")
 
 
 def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], data,
@@ -53,27 +60,28 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
     train split -, an ``(x, y)`` pair or an iterable of batches; its first ``max_items`` examples when
     given). ``keep`` <= 1/2: each hidden layer keeps ``floor(keep * h)`` units (at least 1), scaled by ``r``
     (default 1/keep; a number, one per hidden layer, or ``"tune"``, see
-    :func:`~modeconn.stability.dropout.dropout_stability`). A's kept sets are the best of ``trials`` draws
+    :func:`~modeconn.kuditipudi.dropout_stability.dropout_stability`). A's kept sets are the best of ``trials`` draws
     with ``seed``, B's with ``seed + 1``; ``kept_a`` / ``kept_b`` give them explicitly instead.
 
-    The model must be a plain chain of hidden layers (``UnitSpec.is_chain()``): MLPs, conv nets with
+    The model must be a plain chain of hidden layers (:class:`~modeconn.kuditipudi.chain.Chain`): MLPs, conv nets with
     channels as units (pooling and flatten allowed), ``nn.Sequential``s; residual models raise
-    :class:`~modeconn.paths.moves.UnsupportedArchitectureError`. BatchNorm after a Conv/Linear layer is
+    :class:`~modeconn.kuditipudi.chain.UnsupportedArchitectureError`. BatchNorm after a Conv/Linear layer is
     folded first; the path then lives in the folded model: ``path.model`` is that module,
     ``path.info["folded_batchnorm"]`` is True, and the endpoints are the folded theta_a and theta_b.
 
     Returns a :class:`PiecewiseLinearPath` with ``path(0)`` / ``path(1)`` exactly the (folded) endpoints,
     one label per segment (``"output-layer interpolation"``, ``"free-unit rewiring"``, ``"permutation"``),
-    ``bound = max(L(theta_a), L(theta_b)) + max(epsilon_a, epsilon_b)`` and the stability results in
+    a :class:`~modeconn.paths.certificate.Certificate` whose one exact bound covers the whole path,
+    ``bound = max(L(theta_a), L(theta_b)) + max(epsilon_a, epsilon_b)``, and the stability results in
     ``info``. See the module docstring for the segment count (8D + 2, or 8D - 1 with disjoint kept sets).
     """
+    check_dropout_options(keep=keep, trials=trials)
+    check_endpoints(theta_a, theta_b, model, data)
     keep = float(keep)
-    if not 0.0 < keep <= 0.5:
-        raise ValueError(f"dropout_path needs keep in (0, 1/2] (Lemma 2 needs half of every layer free); got {keep}")
-    problem, a, b = stability.prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device)
+    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device)
     chain = problem.chain
-    stab_a = stability.stability_of(problem, a, keep, trials, seed, r, kept_a)
-    stab_b = stability.stability_of(problem, b, keep, trials, int(seed) + 1, r, kept_b)
+    stab_a = stability_of(problem, a, keep, trials, seed, r, kept_a)
+    stab_b = stability_of(problem, b, keep, trials, int(seed) + 1, r, kept_b)
     for g, n in enumerate(chain.sizes):
         for name, st in (("A", stab_a), ("B", stab_b)):
             if len(st.kept[g]) > n // 2:
@@ -93,15 +101,17 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
     path = PiecewiseLinearPath(waypoints, knots=knots, labels=labels)
     path.name = "dropout"
     epsilon = max(stab_a.epsilon, stab_b.epsilon)
-    path.bound = max(stab_a.loss, stab_b.loss) + epsilon
+    bound = max(stab_a.loss, stab_b.loss) + epsilon
+    path.certify(Certificate(
+        "Kuditipudi et al. 2019, Theorem 1 (dropout stability)", path.num_segments, len(problem.y),
+        (Bound("the whole path", "max(L(theta_a), L(theta_b)) + max(epsilon_a, epsilon_b)", 0, path.num_segments,
+               True, bound, {"L(theta_a)": stab_a.loss, "L(theta_b)": stab_b.loss, "epsilon_a": stab_a.epsilon,
+                             "epsilon_b": stab_b.epsilon}),)))
     disjoint = [not (set(x) & set(y)) for x, y in zip(stab_a.kept, stab_b.kept)]
     D = chain.depth
     lemma4_segments = len(labels_mid) - 3
-    path.info = {
+    path.info.update({
         "construction": "Kuditipudi et al. 2019, Theorem 1 (dropout stability)",
-        "bound": path.bound,
-        "bound_formula": "max(L(theta_a), L(theta_b)) + max(epsilon_a, epsilon_b)",
-        "bound_items": len(problem.y),
         "keep": keep,
         "groups": list(chain.names),
         "sizes": list(chain.sizes),
@@ -127,7 +137,7 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
         "num_segments": len(labels),
         "expected_segments": 8 * D - 1 if all(disjoint) else 8 * D + 2,
         "folded_batchnorm": problem.folded,
-    }
+    })
     if problem.folded:
         path.model = problem.module
     return path

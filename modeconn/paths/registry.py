@@ -48,10 +48,25 @@ class Builder:
     module: str
     attr: str
     reserved: tuple[str, ...] = CONTEXT_KEYS
+    check: str | None = None     # the module's option check, called with every option (see check_options)
 
     @property
     def function(self) -> Callable:
         return getattr(importlib.import_module(self.module), self.attr)
+
+    def check_options(self, options: Mapping) -> None:
+        """Run the constructor's own option checks on ``options`` (the config's) plus its defaults, before
+        any work: the constructor calls the same function, so a config is refused exactly when the
+        constructor would refuse it. Raises ``ValueError`` naming the option."""
+        if self.check is None:
+            return
+        bound = inspect.signature(self.function).bind_partial(**options)
+        bound.apply_defaults()
+        check = getattr(importlib.import_module(self.module), self.check)
+        accepted = inspect.signature(check).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+        check(**{k: v for k, v in bound.arguments.items()
+                 if k not in self.reserved and (takes_all or k in accepted)})
 
     def __call__(self, ctx: PathContext, name: str, options: Mapping) -> Path:
         if self.attr == "linear":
@@ -64,11 +79,11 @@ class Builder:
 
 BUILDERS: dict[str, Builder] = {
     "linear": Builder("modeconn.paths.base", "linear"),
-    "dropout": Builder("modeconn.paths.dropout", "dropout_path"),
-    "noise": Builder("modeconn.paths.noise", "noise_path"),
-    "narrow": Builder("modeconn.paths.noise", "narrow_path"),
-    "bezier": Builder("modeconn.paths.curves", "fit_curve"),
-    "polychain": Builder("modeconn.paths.curves", "fit_curve"),
+    "dropout": Builder("modeconn.paths.dropout", "dropout_path", check="check_dropout_options"),
+    "noise": Builder("modeconn.paths.noise", "noise_path", check="check_noise_options"),
+    "narrow": Builder("modeconn.paths.narrow", "narrow_path", check="check_narrow_options"),
+    "bezier": Builder("modeconn.paths.curves", "fit_curve", check="check_curve_options"),
+    "polychain": Builder("modeconn.paths.curves", "fit_curve", check="check_curve_options"),
 }
 
 

@@ -17,8 +17,8 @@ from modeconn.checkpoint import atomic_write_json
 from modeconn.plots_stability import plot_dropout_stability, plot_figure2, plot_noise_stability
 from modeconn.stability.figure2 import Figure2Options, figure2, train_trial_net
 from modeconn.train import TrainConfig
-from modeconn.stability.dropout import dropout_stability
-from modeconn.stability.noise import noise_stability
+from modeconn.kuditipudi.dropout_stability import dropout_stability
+from modeconn.kuditipudi.noise_stability import noise_stability
 
 
 def measure_endpoints(model: nn.Module, thetas: Mapping[str, Mapping[str, Tensor]], data, out_dir: str | FilePath,

@@ -13,23 +13,19 @@ into the preceding layer first, as the path construction needs (the function is 
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from modeconn.batchnorm import fold_batchnorm, has_batchnorm
-from modeconn.data import materialize
-from modeconn.paths.base import float_state
-from modeconn.paths.moves import Chain, as_units, dropout_state
-from modeconn.units import infer
+from modeconn.kuditipudi.chain_loss import ChainLoss
+from modeconn.kuditipudi.edits import as_units
+from modeconn.kuditipudi.lemma1 import dropout_state
+from modeconn.units import UnitSpec
 
-__all__ = ["DropoutStability", "dropout_stability", "kept_size"]
+__all__ = ["DropoutStability", "dropout_stability", "stability_of", "nested_losses", "kept_size"]
 
 
 @dataclass
@@ -68,74 +64,16 @@ class DropoutStability:
         return asdict(self)
 
 
-def prepare_endpoints(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], data,
-                      max_items: int | None, batch_size: int, device) -> tuple["ChainLoss", dict, dict]:
-    """A :class:`ChainLoss` for ``model`` and both endpoints in its (BatchNorm-folded) parametrisation.
-
-    The endpoints may differ only in tensors the chain's moves act on; anything else (say, a frozen
-    embedding) could not be moved by the construction, so it is refused.
-    """
-    problem = ChainLoss(model, theta_a, data, max_items, batch_size, device)
-    a, b = problem.theta, problem.prepare(model, theta_b)
-    for k in a:
-        if k not in problem.chain.keys and not torch.equal(a[k], b[k]):
-            raise ValueError(f"{k!r} differs between the endpoints but no move of this construction changes it")
-    return problem, a, b
-
-
 def kept_size(size: int, keep: float) -> int:
     """``floor(keep * size)`` (at least 1, at most ``size``)."""
     return min(size, max(1, math.floor(keep * size + 1e-9)))
 
 
-# ----------------------------------------------------------------------------------- the problem
-
-class ChainLoss:
-    """A model prepared for dropout: eval-mode (BatchNorm-folded) module, its chain, the data."""
-
-    def __init__(self, model: nn.Module, theta: Mapping[str, Tensor], data, max_items: int | None,
-                 batch_size: int, device=None, spec=None) -> None:
-        theta = dict(theta)
-        first = next((v for v in theta.values() if torch.is_tensor(v)), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
-        self.folded = has_batchnorm(model)
-        self.x, self.y = materialize(data, "train", max_items, self.device)
-        self.batch_size = int(batch_size)
-        if self.folded and spec is None:  # a residual model should hear that, not that its BN cannot fold
-            Chain.from_spec(infer(copy.deepcopy(model).to(self.device), self.x[:2]))
-        module = fold_batchnorm(model, theta) if self.folded else copy.deepcopy(model)
-        self.module = module.to(self.device).eval()
-        if spec is None:
-            spec = infer(self.module, self.x[:2])
-        self.chain = Chain.from_spec(spec)
-        self.theta = self._state(self.module.state_dict() if self.folded else theta)
-
-    def prepare(self, model: nn.Module, theta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``theta`` (a state dict of ``model``) as a float state dict of the (folded) module, on the device."""
-        return self._state(fold_batchnorm(model, theta).state_dict() if self.folded else theta)
-
-    def _state(self, theta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        state = {k: v.to(self.device) for k, v in float_state(theta).items()}
-        want = [k for k, v in self.module.state_dict().items() if v.is_floating_point()]
-        missing = [k for k in want if k not in state]
-        if missing:
-            raise KeyError(f"theta lacks entries of the model's state dict: {missing[:5]}")
-        return {k: state[k] for k in want}
-
-    @torch.no_grad()
-    def loss(self, state: Mapping[str, Tensor]) -> float:
-        """Mean cross-entropy on the data (float32 logits, float64 sum)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        n = len(self.y)
-        for start in range(0, n, self.batch_size):
-            logits = functional_call(self.module, dict(state), (self.x[start:start + self.batch_size],))
-            total += F.cross_entropy(logits.float(), self.y[start:start + self.batch_size], reduction="none").double().sum()
-        return float(total / n)
-
-    def nested_losses(self, theta: Mapping[str, Tensor], kept: Sequence[Tensor], r: Sequence[float]) -> list[float]:
-        """[L(theta_1), ..., L(theta_D)]."""
-        return [self.loss(dropout_state(self.chain, theta, kept, r, k, canonical=False))
-                for k in range(1, self.chain.depth + 1)]
+def nested_losses(problem: ChainLoss, theta: Mapping[str, Tensor], kept: Sequence[Tensor], r: Sequence[float]
+                  ) -> list[float]:
+    """[L(theta_1), ..., L(theta_D)]: the column-masked dropout versions, each on the problem's data."""
+    return [problem.loss(dropout_state(problem.chain, theta, kept, r, k, canonical=False))
+            for k in range(1, problem.chain.depth + 1)]
 
 
 def _resolve_r(r, keep: float, depth: int) -> list[float] | str:
@@ -157,19 +95,19 @@ def _tune_r(problem: ChainLoss, theta, kept, r0: list[float], keep: float) -> tu
     from scipy.optimize import minimize_scalar
 
     r = list(r0)
-    losses = problem.nested_losses(theta, kept, r)
+    losses = nested_losses(problem, theta, kept, r)
     best = max(losses)
     for g in reversed(range(problem.chain.depth)):
         def score(x: float, g: int = g) -> float:
             trial = list(r)
             trial[g] = float(x)
-            return max(problem.nested_losses(theta, kept, trial))
+            return max(nested_losses(problem, theta, kept, trial))
 
         res = minimize_scalar(score, bounds=(0.5 / keep, 2.0 / keep), method="bounded",
                               options={"xatol": 1e-2 / keep, "maxiter": 25})
         if float(res.fun) < best:
             r[g] = float(res.x)
-            losses = problem.nested_losses(theta, kept, r)
+            losses = nested_losses(problem, theta, kept, r)
             best = max(losses)
     return r, losses
 
@@ -189,7 +127,7 @@ def stability_of(problem: ChainLoss, theta: Mapping[str, Tensor], keep: float, t
             if len(kept) == chain.depth else None
         if sets is None:
             raise ValueError(f"kept: need one index set per hidden layer ({chain.depth}), got {len(kept)}")
-        losses = problem.nested_losses(theta, sets, r_start)
+        losses = nested_losses(problem, theta, sets, r_start)
     else:
         if int(trials) < 1:
             raise ValueError(f"trials must be at least 1, got {trials}")
@@ -198,7 +136,7 @@ def stability_of(problem: ChainLoss, theta: Mapping[str, Tensor], keep: float, t
         sets, losses = None, None
         for t in range(int(trials)):
             cand = [torch.randperm(n, generator=gen)[:m].sort().values for n, m in zip(chain.sizes, sizes)]
-            cand_losses = problem.nested_losses(theta, cand, r_start)
+            cand_losses = nested_losses(problem, theta, cand, r_start)
             scores.append(max(cand_losses))
             if best_trial is None or scores[-1] < scores[best_trial]:
                 best_trial, sets, losses = t, cand, cand_losses

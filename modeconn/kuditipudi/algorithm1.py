@@ -9,7 +9,7 @@ unit, e.g. the H*W columns of a channel after a flatten) are zeroed for dropped 
 columns and the output layer's rows are never touched: the input and the logits are never dropped.
 
 This is the noise-path constructor's first move (Theorem 2, with p = 3/4) and the perturbation along which
-:func:`modeconn.stability.noise.noise_stability` measures interlayer smoothness.
+:func:`modeconn.kuditipudi.noise_stability.noise_stability` measures interlayer smoothness.
 """
 from __future__ import annotations
 
