@@ -12,28 +12,41 @@ Trains two endpoints (seeds 0 and 1) with ``modeconn.train.train``, fits a curve
 Defaults (digits, the project's default
 MLP: hidden (256, 256), dropout 0.5) run in well under two minutes on a CPU.
 
+``--compare`` instead measures epochs to a barrier: a ConvFC-like net (3 conv layers with max-pooling, 2
+hidden linear layers, no BatchNorm) on digits upsampled to 3x32x32, endpoints trained ``--endpoint-epochs``
+(30), then one curve per ``--runs`` entry ``T:EPOCHS:LR`` (t per step, epoch budget with the Garipov
+schedule sized to it, learning rate; default: the reference's one t per batch for 20 epochs, and 4 t per
+batch for 10). After every epoch the curve's epsilon barrier of the train loss (``--num-points`` points) is
+printed with the epoch's training seconds (wall and process CPU, measured in this process), and the
+summary says in how many epochs each run reaches the first run's final barrier.
+
     python bench/fit_curve.py                      # digits MLP
     python bench/fit_curve.py --model convnet      # Kuditipudi et al.'s all-conv net on 1x8x8 digits
     python bench/fit_curve.py --device cuda --data cifar10 --model vgg16 --endpoint-epochs 5 --curve-epochs 5
+    python bench/fit_curve.py --compare            # epochs to barrier, one t per batch vs several
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from modeconn import data as D  # noqa: E402
 from modeconn import models  # noqa: E402
 from modeconn.evaluate import evaluate_path  # noqa: E402
 from modeconn.paths import linear  # noqa: E402
-from modeconn.paths.curves import fit_curve  # noqa: E402
+from modeconn.paths.curves import fit_curve, load_curve  # noqa: E402
 from modeconn.train import TrainConfig, train  # noqa: E402
 
 
@@ -56,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--compare", action="store_true", help="epochs to barrier, one t per batch vs several")
+    p.add_argument("--runs", nargs="+", default=["1:20:0.05", "4:10:0.05"],
+                   help="--compare: curves as T_PER_STEP:EPOCHS:LR (the first is the reference)")
+    p.add_argument("--channels", type=int, nargs=3, default=[8, 16, 16], help="--compare: ConvFC conv widths")
+    p.add_argument("--fc", type=int, default=128, help="--compare: ConvFC hidden linear width")
     return p.parse_args(argv)
 
 
@@ -64,10 +82,92 @@ def build(args, ds: D.Dataset) -> torch.nn.Module:
     return models.build(args.model, ds.input_shape, ds.num_classes, **kw)
 
 
+def convfc(channels=(8, 16, 16), hidden=128, classes=10) -> nn.Module:
+    """ConvFC-like (Garipov et al.'s ConvFC, narrower): 3 x [conv 3x3, ReLU, max-pool 2], 2 hidden linear layers."""
+    c1, c2, c3 = channels
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c3 * 16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, classes))
+
+
+def digits_3x32(device) -> D.Dataset:
+    """Digits (8x8) upsampled bilinearly to 32x32 and repeated over 3 channels."""
+    ds = D.load("digits", image=True)
+
+    def up(x):
+        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return dataclasses.replace(ds, x_train=up(ds.x_train), x_test=up(ds.x_test), input_shape=(3, 32, 32)).to(device)
+
+
+def compare(args, dev) -> dict:
+    """Epochs to barrier: one curve per ``args.runs`` entry, the barrier after every epoch."""
+    ds = digits_3x32(dev)
+    print(f"{D.describe(ds)}; ConvFC-like {args.channels} / {args.fc}; device {dev}; threads {torch.get_num_threads()}")
+    cfg = TrainConfig(lr=args.lr, weight_decay=args.wd, epochs=args.endpoint_epochs, batch_size=args.batch_size,
+                      schedule="garipov", device=str(dev))
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = convfc(args.channels, args.fc)
+        metrics = train(model, ds, cfg, seed=seed, progress=False)
+        ends.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        print(f"endpoint seed {seed}: train loss {metrics['train_loss']:.4f}, test acc {metrics['test_acc']:.4f}")
+    model = convfc(args.channels, args.fc)
+
+    def barrier(path) -> float:
+        ev = evaluate_path(model, path, ds, num_points=args.num_points, device=dev, progress=False)
+        return ev.barriers["train_loss"]["epsilon"]
+
+    results = {"settings": vars(args), "line_barrier": barrier(linear(ends[0], ends[1])), "runs": []}
+    print(f"straight line: epsilon barrier {results['line_barrier']:.4f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(args.runs):
+            m, epochs, lr = spec.split(":")
+            m, epochs, lr = int(m), int(epochs), float(lr)
+            ckpt = Path(tmp) / f"run{i}.pt"
+            run = {"t_per_step": m, "epochs": epochs, "lr": lr, "barrier": [], "cpu_s": []}
+            clock = [time.process_time()]
+
+            def after_epoch(epoch, record, run=run, ckpt=ckpt, clock=clock):
+                run["cpu_s"].append(time.process_time() - clock[0])
+                run["barrier"].append(barrier(load_curve(ckpt)))
+                print(f"  t/step {m} lr {lr:g} epoch {epoch:2d}/{epochs}: barrier {run['barrier'][-1]:.4f}  "
+                      f"{record['seconds']:.2f} s wall, {run['cpu_s'][-1]:.2f} s CPU, loss {record['train_loss']:.4f}",
+                      flush=True)
+                clock[0] = time.process_time()  # the barrier's evaluation is not training time
+
+            curve = fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends, epochs=epochs,
+                              lr=lr, wd=args.wd, batch_size=args.batch_size, t_per_step=m, device=dev,
+                              checkpoint_path=ckpt, progress=False, callback=after_epoch)
+            run["wall_s"] = curve.info["seconds"]
+            results["runs"].append(run)
+    ref = results["runs"][0]
+    target = ref["barrier"][-1]
+    print(f"\nreference (t/step {ref['t_per_step']}, {ref['epochs']} epochs): final barrier {target:.4f}")
+    print(f"{'t/step':>6s} {'epochs':>6s} {'lr':>6s} {'final':>8s} {'reaches ref at':>15s} {'s/epoch wall':>13s} "
+          f"{'CPU':>6s} {'cost vs ref':>12s}")
+    for run in results["runs"]:
+        hit = next((e + 1 for e, b in enumerate(run["barrier"]) if b <= target), None)
+        run["epochs_to_reference"] = hit
+        run["cost_vs_reference"] = statistics.median(run["cpu_s"]) / statistics.median(ref["cpu_s"])
+        print(f"{run['t_per_step']:6d} {run['epochs']:6d} {run['lr']:6g} {run['barrier'][-1]:8.4f} "
+              f"{str(hit or '-'):>15s} {statistics.median(run['wall_s']):13.2f} {statistics.median(run['cpu_s']):6.2f} "
+              f"{run['cost_vs_reference']:11.3f}x")
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        results = compare(args, D.resolve_device(args.device))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return results
     dev = D.resolve_device(args.device)
     ds = D.load(args.data, device=dev)
     cfg = TrainConfig(lr=args.lr, weight_decay=args.wd, epochs=args.endpoint_epochs, batch_size=args.batch_size,

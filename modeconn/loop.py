@@ -183,7 +183,7 @@ class Loop:
     asks for it), an ``(inputs, targets)`` pair, or a re-iterable of batches (used as given). ``seed`` seeds
     the global RNG the modules see (dropout) and, unless ``data_seed`` is given, the ``"data"`` generator
     (shuffling, augmentation); ``generators`` are the step's own (e.g. ``{"t": ...}``), saved with it.
-    ``skip_singletons`` drops batches of one example (BatchNorm cannot train on them). ``label`` names the
+    ``min_batch`` drops smaller batches (a short last batch that BatchNorm, or a split, cannot use). ``label`` names the
     run in the progress bar, the log and errors; ``lr_option`` is the option a divergence message tells
     the user to lower. ``callbacks`` are called as ``callback(epoch, record)`` after each epoch (1-based,
     after the resume file is written).
@@ -192,7 +192,7 @@ class Loop:
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, schedule: Schedule, data: Any,
                  batch_size: int, seed: int, device: torch.device, *, data_seed: int | None = None,
                  generators: Mapping[str, torch.Generator] | None = None, augment: bool = False,
-                 skip_singletons: bool = False, resume: Resume | None = None,
+                 min_batch: int = 1, resume: Resume | None = None,
                  progress: bool = True, label: str = "training", lr_option: str = "the learning rate",
                  callbacks: Sequence[Callable[[int, dict], None]] = ()) -> None:
         self.step, self.optimizer, self.schedule = step, optimizer, schedule
@@ -203,7 +203,7 @@ class Loop:
                             "were asked for; pass a Dataset, an (inputs, targets) pair or a re-iterable (e.g. a "
                             "list) of batches")
         self.batch_size, self.seed, self.augment = int(batch_size), int(seed), bool(augment)
-        self.skip_singletons, self.resume, self.progress = skip_singletons, resume, progress
+        self.min_batch, self.resume, self.progress = int(min_batch), resume, progress
         self.label, self.lr_option, self.callbacks = label, lr_option, list(callbacks)
         self.generators = {"data": torch.Generator().manual_seed(self.seed if data_seed is None else data_seed),
                            **(generators or {})}
@@ -258,7 +258,7 @@ class Loop:
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         batches = mdata.iter_batches(self.data, self.batch_size, split="train", shuffle=True,
                                      generator=self.generators["data"], augment=self.augment, device=self.device)
-        return (b for b in batches if len(b[1]) > 1) if self.skip_singletons else batches
+        return (b for b in batches if len(b[1]) >= self.min_batch) if self.min_batch > 1 else batches
 
     def _epoch(self) -> dict:
         started = time.perf_counter()

@@ -10,7 +10,7 @@ from modeconn import models
 from modeconn.batchnorm import load_point, recompute_statistics
 from modeconn.evaluate import _profile_point, evaluate_path
 from modeconn.paths import linear
-from modeconn.paths.curves import CurvePath, coefficients, fit_curve, load_curve
+from modeconn.paths.curves import CurvePath, CurveStep, FlatCurve, coefficients, fit_curve, load_curve
 from modeconn.train import NonFiniteLossError, TrainConfig, train
 
 
@@ -165,6 +165,55 @@ def test_free_ends_adam_and_several_t_per_step(digits, mlp_ends):
     partial = [{k: v for k, v in end.items() if k != "1.weight"} for end in (a, b)]
     with pytest.raises(KeyError, match=r"lack the model's parameters \['1.weight'\]"):
         fit_curve(build(), *partial, digits, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "conv-batchnorm"])
+def test_several_t_per_step_split_the_batch_each_part_through_its_own_point(batchnorm):
+    """t_per_step = 4: one vmapped call whose loss is each quarter of the batch through the curve's point at
+    its own stratified t (BatchNorm: each quarter's own batch statistics), with the gradient of that."""
+    torch.manual_seed(0)
+    if batchnorm:
+        x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
+        def build():
+            return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    else:
+        x, y = torch.randn(32, 7), torch.randint(0, 5, (32,))
+        def build():
+            return nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 5))
+    a, b, model = build().state_dict(), build().state_dict(), build()
+    flat = FlatCurve(model, a, b, "bezier", 4, True, torch.device("cpu"))
+    with torch.no_grad():
+        flat.free.normal_(0, 0.3)
+    step = CurveStep(model, flat, 4, 0.0, torch.Generator().manual_seed(5))
+    loss, sums = step.loss(x, y)
+    (grad,) = torch.autograd.grad(loss, flat.free)
+
+    u = torch.rand(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).tolist()
+    curve = CurvePath(flat.bends(), "bezier")
+    free = flat.free.detach().clone().requires_grad_(True)
+    expected = 0.0
+    for j, (xj, yj) in enumerate(zip(x.chunk(4), y.chunk(4))):
+        point = curve((j + u[j]) / 4)
+        assert torch.allclose(flat.points([(j + u[j]) / 4]), torch.cat([point[k].reshape(-1) for k in flat.names]),
+                              atol=1e-6)
+        replica = build().train()
+        replica.load_state_dict({**model.state_dict(), **point})
+        expected += nn.functional.cross_entropy(replica(xj), yj) / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert sums["ce"].item() == pytest.approx(expected.item() * 32, rel=1e-6)
+    # the gradient: the same loss computed one part at a time through flat.points
+    flat.free = free
+    ce = sum(nn.functional.cross_entropy(torch.func.functional_call(
+        model, (flat.params(flat.points([(j + u[j]) / 4])), step.buffers), (xj,)), yj) for j, (xj, yj) in
+        enumerate(zip(x.chunk(4), y.chunk(4)))) / 4
+    (expected_grad,) = torch.autograd.grad(ce, free)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+
+
+def test_t_per_step_is_at_most_the_batch_size(digits, mlp_ends):
+    build, a, b = mlp_ends
+    with pytest.raises(ValueError, match="t_per_step .* at most batch_size"):
+        fit_curve(build(), a, b, digits, t_per_step=8, batch_size=4, epochs=1, progress=False)
 
 
 # ---------------------------------------------------------------------------------- checkpointing

@@ -183,6 +183,14 @@ def test_resume_file_of_another_run_is_refused(tmp_path, synthetic):
         train(make_mlp(0), synthetic, cfg(lr=0.01), seed=0, checkpoint_path=path, progress=False)
     with pytest.raises(CheckpointMismatchError, match="different architecture"):
         train(make_mlp(0, width=8), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False)
+    # what the file holds: only weights-only content, the run's identity and every RNG state
+    saved = safe_load(resume_path(path), what="resume file")
+    assert saved["epoch"] == 1 and set(saved["rng"]) == {"generators", "global", "cuda"}
+    assert saved["identity"]["seed"] == 0 and saved["identity"]["trainer.lr"] == 0.05
+    # a file of another kind at the resume path is refused with the way out
+    torch.save({"format": 1, "epoch": 1}, resume_path(path))
+    with pytest.raises(ValueError, match=r"is not a modeconn.train/2 file .*delete .* to start that step over"):
+        train(make_mlp(0), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False)
 
 
 # --------------------------------------------------------------------------- finished runs
@@ -341,7 +349,7 @@ def _narrow_run(data, path):
     return run
 
 
-TRAININGS = {"endpoint": _endpoint_run, "curve": _curve_run}
+TRAININGS = {"endpoint": _endpoint_run, "curve": _curve_run, "narrow": _narrow_run}
 
 
 @pytest.mark.parametrize("kind", list(TRAININGS))
@@ -375,23 +383,6 @@ def test_every_training_resumes_bitwise_and_leaves_the_callers_rng_alone(tmp_pat
         resumed = prepare(synthetic, tmp_path / "cut.pt")()
     assert "resumed from epoch 2 of 4" in caplog.text
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
-
-
-def test_resume_files_hold_only_weights_only_content(tmp_path, synthetic):
-    path = tmp_path / "run.pt"
-
-    def stop(epoch, stats):
-        raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(make_mlp(0), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False, on_epoch_end=stop)
-    saved = safe_load(resume_path(path), what="resume file")
-    assert saved["epoch"] == 1 and set(saved["rng"]) == {"generators", "global", "cuda"}
-    assert saved["identity"]["seed"] == 0 and saved["identity"]["trainer.lr"] == 0.05
-    # a file of another kind at the resume path is refused with the way out
-    torch.save({"format": 1, "epoch": 1}, resume_path(path))
-    with pytest.raises(ValueError, match=r"is not a modeconn.train/2 file .*delete .* to start that step over"):
-        train(make_mlp(0), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False)
 
 
 def test_data_without_batches_is_refused():
