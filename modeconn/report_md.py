@@ -41,6 +41,9 @@ def render_report(summary: dict, evals: list[PathEval]) -> str:
             verdict = {True: "holds", False: "fails", None: "reported only"}
             held = ", ".join(f"{k} {verdict[v.get('holds')]}" for k, v in ns["conditions"].items()
                              if isinstance(v, dict) and "holds" in v)
+            infinite = ns["conditions"].get("activation_contraction", {}).get("infinite_points")
+            if infinite:
+                held += f"; c infinite at data points {infinite[:10]}{' ...' if len(infinite) > 10 else ''}"
             lines.append(f"- {name}, noise stability: Definition 4 epsilon {ns['epsilon']:.4g} ({held}); "
                          f"histograms in noise_stability_{name}.png")
     lines += alignment_report(summary)

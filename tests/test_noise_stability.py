@@ -390,3 +390,30 @@ def test_json_round_trip_and_histogram_figure(tmp_path):
     out = plot_noise_stability(back, tmp_path / "fig" / "ns.png")
     assert out.exists() and out.stat().st_size > 1000
     assert not list((tmp_path / "fig").glob("*.tmp*"))
+
+
+def test_a_point_with_a_dead_hidden_layer_makes_the_contraction_infinite():
+    # 4 -> 6 -> 5 -> 3, bias-free ReLU. W1 >= 0 entrywise, so an all-negative input has x^1 < 0 in every unit:
+    # phi(x^1) = 0 (ratio inf) and x^2 = W2 phi(x^1) = 0 (ratio 0/0). c is then infinite, not the other
+    # points' finite maximum.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 5, bias=False), nn.ReLU(),
+                        nn.Linear(5, 3, bias=False))
+    with torch.no_grad():
+        net[0].weight.abs_()
+    x = torch.rand(8, 4) + 0.1
+    x[5] = -torch.tensor([1.0, 2.0, 0.5, 1.5])
+    y = torch.zeros(8, dtype=torch.long)
+    dead = noise_stability(net, None, (x, y), **FAST)
+    assert math.isinf(dead.c) and dead.c > 0 and math.isinf(dead.epsilon)
+    cond = dead.conditions["activation_contraction"]
+    assert cond["holds"] is False and cond["infinite_points"] == [5] and cond["infinite_layers"] == {"5": [1]}
+    assert math.isinf(dead.contraction_max[5]) and np.isnan(dead.contraction[1][5])
+    # the same net without that point: finite c, the condition holds and names no point
+    alive = noise_stability(net, None, (x[torch.arange(8) != 5], y[:7]), **FAST)
+    assert math.isfinite(alive.c) and math.isfinite(alive.epsilon)
+    assert alive.conditions["activation_contraction"] == {**alive.conditions["activation_contraction"],
+                                                          "holds": True, "infinite_points": []}
+    # and the JSON round trip keeps the infinity
+    back = NoiseStability.from_dict(dead.to_dict())
+    assert math.isinf(back.c) and back.conditions["activation_contraction"]["infinite_points"] == [5]

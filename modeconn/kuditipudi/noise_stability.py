@@ -30,7 +30,10 @@ Conventions (how the paper's fully connected, bias-free definitions are read on 
   M^{i,j}(x^i) != J x^i; the definition is applied as written (J x^i). mu_{i->}(x) = min_{i<=j<=d}
   mu_{i,j}(x), with mu_{i,i} = 1.
 * **Activation contraction** per hidden layer ||x^i|| / ||phi(x^i)||, with phi the activation right after
-  the layer (identity if there is none); c(x) = the max over hidden layers, c = max over points.
+  the layer (identity if there is none); c(x) = the max over hidden layers, c = max over points. A layer
+  with phi(x^i) = 0 but x^i != 0 (all <= 0 under ReLU) gives inf; the layers above it then have
+  x^j = 0 in a bias-free net, 0/0 = NaN, which the max over layers skips: c(x) = inf, and so c and epsilon
+  are infinite and ``conditions["activation_contraction"]`` fails, naming the points.
 * **Interlayer smoothness.** One Algorithm-1 draw theta_hat = :func:`random_dropout` (theta, p) on all
   hidden groups. For layer i >= 2 and t on the grid ``ts``: x_hat^i_i(t) is layer i's pre-activation under
   theta + t (theta_hat - theta), and x_hat^i_{i-1}(t) the same with A_i itself not dropped (Definition 3's
@@ -204,13 +207,36 @@ def _cat(parts) -> np.ndarray:
     return torch.cat(parts).double().cpu().numpy()
 
 
+def _contraction_per_point(per_layer: Sequence[np.ndarray]) -> np.ndarray:
+    """c(x) = max over hidden layers of ||x^i|| / ||phi(x^i)||, skipping layers where it is 0/0 (x^i = 0,
+    e.g. above a layer that is all <= 0 in a bias-free net): a point with [inf, 0/0] has c(x) = inf, not
+    NaN. NaN only where every layer is 0/0."""
+    stacked = np.stack(per_layer)
+    out = np.full(stacked.shape[1], np.nan)
+    for layer in stacked:
+        out = np.fmax(out, layer)
+    return out
+
+
+def _contraction_condition(c: float, per_layer: Sequence[np.ndarray]) -> dict:
+    """Definition 4 needs a finite c: a point with phi(x^i) = 0 but x^i != 0 (a hidden layer all <= 0 under
+    ReLU) makes c, and so epsilon, infinite. Names those points (0-based indices into the measured data)
+    and their layers (1-based)."""
+    stacked = np.stack(per_layer)
+    points = [int(k) for k in np.nonzero(np.isinf(stacked).any(axis=0))[0]]
+    return {"value": c, "holds": None if math.isnan(c) else bool(math.isfinite(c)), "infinite_points": points,
+            "infinite_layers": {str(k): [int(i) + 1 for i in np.nonzero(np.isinf(stacked[:, k]))[0]]
+                                for k in points},
+            "note": "c is infinite at a point whose hidden layer is all <= 0 (phi(x^i) = 0, x^i != 0)"}
+
+
 def _result(graph: LayerGraph, acc: _PerPoint, beta: float, dominance_constant: float) -> dict:
     """The per-point arrays, Definition 4's minima and maxima, epsilon and the side conditions."""
     d, draws = graph.d, acc.draws
     cushion = [_cat(c) for c in acc.cushion]
     inter_min = [_cat(c) for c in acc.inter_min]
     contraction: list[np.ndarray | None] = [_cat(c) for c in acc.contraction] + [None]
-    contraction_max = np.max(np.stack([c for c in contraction if c is not None]), axis=0)
+    contraction_max = _contraction_per_point(contraction[:-1])
     smooth: list[np.ndarray | None] = [
         np.concatenate([_cat(acc.smooth[i][k]) for k in range(draws)]) if 1 <= i <= d - 2 else None
         for i in range(d)]
@@ -233,6 +259,7 @@ def _result(graph: LayerGraph, acc: _PerPoint, beta: float, dominance_constant: 
     conditions = {
         "h_min": {"value": h_min, "holds": None,
                   "note": "h_min >= Omega~(1) is asymptotic: reported, not checked"},
+        "activation_contraction": _contraction_condition(c, contraction[:-1]),
         "smoothness": {"value": rho, "required": 3 * d, "holds": bool(rho >= 3 * d)},
         "no_dominant_unit": {"value": nanmax(np.asarray(dom)), "constant": float(dominance_constant),
                              "per_layer": dom,
