@@ -16,7 +16,8 @@ test splits, three ways, in one process, on the same data:
 
 Each method is run once to warm up, then ``--repeats`` times; the table gives the median and the best
 wall-clock seconds (``time.perf_counter``, with a CUDA synchronisation on a GPU), the speed-up of the median
-over ``loop``, and the largest absolute difference in train (and test) loss and error between the batched
+over ``loop``, the same for the process CPU seconds (with ``--threads 1`` on a busy CPU these measure the
+work whatever else runs), and the largest absolute difference in train (and test) loss and error between the batched
 evaluation and each of the other two. Times are only reported, never asserted on.
 
     python bench/eval_path.py                                  # the default MLP on digits, 61 points
@@ -135,16 +136,19 @@ def loop_baseline(model: torch.nn.Module, path, ts: list[float], splits: dict, b
     return metrics
 
 
-def timed(fn, repeats: int, dev: torch.device) -> tuple[list[float], dict]:
+def timed(fn, repeats: int, dev: torch.device) -> tuple[list[float], list[float], dict]:
+    """Wall-clock and process CPU seconds of each of ``repeats`` runs after a warm-up run, and the last result.
+    With one thread on a shared CPU, CPU seconds measure the work done whatever else runs."""
     fn()  # warm-up
-    seconds, out = [], None
+    seconds, cpu, out = [], [], None
     for _ in range(max(1, repeats)):
         sync(dev)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         out = fn()
         sync(dev)
         seconds.append(time.perf_counter() - started)
-    return seconds, out
+        cpu.append(time.process_time() - started_cpu)
+    return seconds, cpu, out
 
 
 def max_diff(a: dict, b: dict, key: str) -> float:
@@ -197,12 +201,13 @@ def main(argv=None) -> dict:
                      "bn_items": args.bn_items, "malloc_thresholds_raised": heap, "methods": {}}
     metrics = {}
     for label, key, fn in methods:
-        seconds, metrics[key] = timed(fn, args.repeats, dev)
+        seconds, cpu, metrics[key] = timed(fn, args.repeats, dev)
         results["methods"][key] = {"label": label, "seconds": seconds, "median_s": statistics.median(seconds),
-                                   "best_s": min(seconds)}
-    base = results["methods"]["loop"]["median_s"]
+                                   "best_s": min(seconds), "cpu_seconds": cpu, "median_cpu_s": statistics.median(cpu)}
+    base = results["methods"]["loop"]
     for key, r in results["methods"].items():
-        r["speedup_vs_loop"] = base / r["median_s"]
+        r["speedup_vs_loop"] = base["median_s"] / r["median_s"]
+        r["cpu_speedup_vs_loop"] = base["median_cpu_s"] / r["median_cpu_s"]
     diffs = {}
     for other in ("loop", "one_at_a_time"):
         diffs[f"batched_vs_{other}"] = {k: max_diff(metrics["batched"], metrics[other], k) for k in metrics["batched"]}
@@ -213,9 +218,10 @@ def main(argv=None) -> dict:
     results["max_train_loss"] = max(metrics["batched"]["train_loss"])
 
     print(f"{len(ts)} points, train {ds.num_train} + test {ds.num_test} items, median (best) of {args.repeats} runs")
-    print(f"{'method':38s} {'median s':>9s} {'best s':>8s} {'speed-up':>9s}")
+    print(f"{'method':38s} {'median s':>9s} {'best s':>8s} {'speed-up':>9s} {'CPU s':>8s} {'CPU speed-up':>12s}")
     for key, r in results["methods"].items():
-        print(f"{r['label']:38s} {r['median_s']:9.3f} {r['best_s']:8.3f} {r['speedup_vs_loop']:8.2f}x")
+        print(f"{r['label']:38s} {r['median_s']:9.3f} {r['best_s']:8.3f} {r['speedup_vs_loop']:8.2f}x "
+              f"{r['median_cpu_s']:8.3f} {r['cpu_speedup_vs_loop']:11.2f}x")
     for name, d in diffs.items():
         print(f"max |diff| {name:26s} train loss {d['train_loss']:.2e}  test loss {d['test_loss']:.2e}  "
               f"train error {d['train_error']:.2e}  test error {d['test_error']:.2e}")

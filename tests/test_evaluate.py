@@ -259,6 +259,7 @@ def test_cuda_memory_stays_within_the_budget(monkeypatch):
     evaluate_path(make(), path, split, num_points=9, progress=False, device="cuda")
     peak = torch.cuda.max_memory_allocated() - base
     params = sum(p.numel() for p in make().parameters())
-    chunk = stacked.point_chunk(9, params, 64 * 32 * 32, 512, torch.device("cuda"))
+    widest = stacked.widest_activation(make().cuda().eval(), split[0])
+    chunk = stacked.point_chunk(9, params, widest, 512, torch.device("cuda"))
     assert chunk > 1
     assert peak <= 4 * (3 * chunk * params + 8 * budget.activation)

@@ -147,6 +147,7 @@ def test_removing_a_presets_path_from_the_command_line():
 
 # --------------------------------------------------------------------------------- quick presets run
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", QUICK)
 def test_a_quick_preset_runs_end_to_end(name, tmp_path, one_thread):
     cfg = preset(name, "progress=false")
@@ -170,6 +171,7 @@ def test_a_quick_preset_runs_end_to_end(name, tmp_path, one_thread):
                     + "; ".join(f"path.{k}: {v}" for k, v in missing.items()))
 
 
+@pytest.mark.slow
 def test_the_gpu_check_preset_runs_at_toy_size_on_the_cpu(tmp_path, one_thread):
     # the preset meant for a GPU machine, shrunk: a broken preset is caught before device time is spent
     cfg = preset("gpu_check", "device=cpu", "data.num_train=256", "data.num_test=64", "eval.num_points=3",
@@ -212,12 +214,14 @@ def check_sweep_and_relaunch(launcher: list[str], sweep_dir: Path, cwd: Path, ex
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
                     reason="hydra-joblib-launcher is not installed (pip install 'modeconn[launchers]')")
+@pytest.mark.slow
 def test_a_joblib_sweep_runs_jobs_in_parallel_and_skips_finished_ones(tmp_path):
     check_sweep_and_relaunch(["hydra/launcher=local", "hydra.launcher.n_jobs=2"], tmp_path / "sweep", tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
                     reason="hydra-submitit-launcher is not installed (pip install 'modeconn[launchers]')")
+@pytest.mark.slow
 def test_a_submitit_sweep_runs_and_skips_finished_ones(tmp_path):
     # submitit's local executor: the SLURM launcher's code path without sbatch. It does not limit the jobs'
     # threads as joblib does (on SLURM the slurm launcher config sets OMP_NUM_THREADS per job).
