@@ -99,8 +99,7 @@ USER = {
 def test_user_sequential_permutation_invariant(name):
     make, shape = USER[name]
     torch.manual_seed(0)
-    spec = assert_permutation_invariant(make(), shape)
-    assert spec.is_chain()
+    assert_permutation_invariant(make(), shape)
 
 
 class Functional(nn.Module):
@@ -126,7 +125,6 @@ def test_functional_model():
     assert spec.sizes == {"conv": 4, "fc": 6}
     assert {a.name for a in spec.group("conv").producers} >= {"conv.weight", "conv2.weight", "conv2.bias"}
     assert UnitAxis("fc.weight", 1, 9) in spec.group("conv").consumers
-    assert not spec.is_chain()
 
 
 def test_mlp_groups():
@@ -136,7 +134,6 @@ def test_mlp_groups():
     assert spec.group("1").producers == [UnitAxis("1.weight", 0), UnitAxis("1.bias", 0)]
     assert spec.group("1").consumers == [UnitAxis("3.weight", 1)]
     assert spec.output == ["5.weight", "5.bias"]
-    assert spec.is_chain()
     no_bias = infer(build("mlp", (64,), 10, hidden=(5,), bias=False), torch.randn(1, 64))
     assert no_bias.group("1").producers == [UnitAxis("1.weight", 0)]
     assert no_bias.output == ["3.weight"]
@@ -149,7 +146,6 @@ def test_convnet_groups_and_block():
     assert [g.name for g in spec.groups] == ["0", "2", "4"]
     assert spec.groups[-1].consumers == [UnitAxis("7.weight", 1, block=64)]
     assert spec.output == ["7.weight"]
-    assert spec.is_chain()
 
 
 def test_vgg_bn_groups():
@@ -161,7 +157,6 @@ def test_vgg_bn_groups():
                      "features.1.running_mean", "features.1.running_var"}
     assert "features.1.num_batches_tracked" not in spec.keys()
     assert spec.output == ["classifier.7.weight", "classifier.7.bias"]
-    assert spec.is_chain()
 
 
 def test_preresnet_residual_groups_merged():
@@ -178,7 +173,6 @@ def test_preresnet_residual_groups_merged():
                                                   "layer2.0.downsample.weight"}
     last = spec.group("layer3.0.downsample")
     assert UnitAxis("fc.weight", 1) in last.consumers and UnitAxis("bn.running_var", 0) in last.producers
-    assert not spec.is_chain()
 
 
 def test_infer_restores_training_mode_and_state():
@@ -192,7 +186,7 @@ def test_infer_restores_training_mode_and_state():
 
 def test_linear_model_has_no_hidden_groups():
     spec = infer(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), torch.randn(1, 2, 2))
-    assert spec.groups == [] and spec.output == ["1.weight", "1.bias"] and spec.is_chain()
+    assert spec.groups == [] and spec.output == ["1.weight", "1.bias"]
 
 
 class WithLSTM(nn.Module):
@@ -247,7 +241,6 @@ def test_unit_slices_and_permute_blocks():
     assert new["a"].tolist() == [20.0, 10.0]
     assert new["w"].tolist() == [[2, 3, 0, 1], [6, 7, 4, 5]]
     assert new["n"] is state["n"] and state["a"].tolist() == [10.0, 20.0]
-    assert spec.is_chain()
     with pytest.raises(ValueError, match="not a permutation"):
         spec.permute(state, {"h": torch.tensor([0, 0])})
     with pytest.raises(KeyError):

@@ -137,7 +137,8 @@ class _Context:
         if node.op == "get_attr":
             shape = self.shape(node)
             return Param(str(node.target), tuple(range(len(shape)))) if node.target in self.keys and shape else None
-        has_units = any(self.state(a) is not None for a in self.inputs(node))
+        states = [self.state(a) for a in self.inputs(node)]
+        has_units = any(self._parts_in(s) for s in states)
         if node.op == "call_module":
             path = str(node.target)
             m = self.gm.get_submodule(path)
@@ -163,9 +164,9 @@ class _Context:
             handler = METHODS.get(str(node.target))
         else:
             raise fail(f"graph node {node.name!r} ({node.op})")
-        if not has_units:
-            return None
-        if handler is None:
+        if handler is None or all(s is None for s in states):
+            if not has_units:  # on unpermuted tensors, or computed from parameters only (a mask buffer)
+                return None
             if node.target in (torch.stack,):
                 self.where += " (stacking hidden-unit tensors)"
             self.fail()

@@ -113,10 +113,6 @@ def join_perm(sigma: Tensor, inner: Tensor) -> Tensor:
     return (torch.as_tensor(sigma, dtype=torch.long)[:, None] * inner.shape[1] + inner).reshape(-1)
 
 
-def _module_of(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else ""
-
-
 def _full_index(ax: UnitAxis, perm: Tensor, size: int, length: int) -> Tensor:
     idx = unit_slices(ax, perm, size)
     if ax.offset == 0 and idx.numel() == length:
@@ -188,32 +184,6 @@ class UnitSpec:
         for g in self.groups:
             if g.mixing:
                 raise UnsupportedLayerError(f"{what} does not support {g.mixing[0]}")
-
-    def is_chain(self) -> bool:
-        """True when the groups form a plain feed-forward chain: every group is produced by exactly one
-        Linear/Conv layer and read by exactly one layer, which produces the next group (the output layer
-        for the last group). Norm layers and elementwise operations in between are allowed; residual
-        connections (merged groups) and branches are not."""
-        layers = []
-        for i, g in enumerate(self.groups):
-            if g.layers:
-                if len(g.layers) != 1:
-                    return False
-                layers.append(g.layers[0])
-            elif i > 0:  # hand-written spec: the previous group's single consumer
-                prev = {_module_of(ax.name) for ax in self.groups[i - 1].consumers}
-                layers.append(next(iter(prev)) if len(prev) == 1 else None)
-            else:
-                layers.append(_module_of(g.producers[0].name) if g.producers else None)
-        out_layer = _module_of(self.output[0]) if self.output else None
-        for i, g in enumerate(self.groups):
-            if layers[i] is None or layers[i] not in {_module_of(ax.name) for ax in g.producers}:
-                return False
-            consumers = {_module_of(ax.name) for ax in g.consumers}
-            nxt = layers[i + 1] if i + 1 < len(self.groups) else out_layer
-            if len(consumers) != 1 or nxt is None or consumers != {nxt}:
-                return False
-        return True
 
     # ------------------------------------------------------------------ permutations
     def random_perms(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
