@@ -308,9 +308,10 @@ def test_transformer_encoder(norm_first):
 class GPT(nn.Module):
     """A GPT-style decoder: tied embeddings, learned positions, causal SDPA over a fused q/k/v projection."""
 
-    def __init__(self, vocab=11, d=16, heads=4, layers=2, context=8, functional_head=False):
+    def __init__(self, vocab=11, d=16, heads=4, layers=2, context=8, functional_head=False, manual=False):
         super().__init__()
-        self.heads, self.functional_head = heads, functional_head
+        self.heads, self.functional_head, self.manual = heads, functional_head, manual
+        self.register_buffer("mask", torch.tril(torch.ones(context, context)).view(1, 1, context, context))
         self.wte = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.1 * torch.randn(1, context, d))
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
@@ -326,12 +327,23 @@ class GPT(nn.Module):
         for blk in self.blocks:
             q, k, v = blk["qkv"](blk["ln1"](x)).split(x.size(-1), dim=2)
             q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if self.manual:  # attention written out, with a causal mask buffer
+                att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+                att = torch.softmax(att.masked_fill(self.mask == 0, float("-inf")), dim=-1)  # T == context
+                y = att @ v
+            else:
+                y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + blk["proj"](y.transpose(1, 2).reshape(B, T, -1))
             x = x + blk["out"](nn.functional.gelu(blk["fc"](blk["ln2"](x))))
         if self.functional_head:
             return nn.functional.linear(self.ln_f(x), self.wte.weight)
         return self.lm_head(self.ln_f(x))
+
+
+def test_gpt_decoder_attention_written_out():
+    spec = assert_permutation_invariant(GPT(manual=True), None, x=torch.randint(0, 11, (3, 8)))
+    qk, v = spec.group("blocks.0.qkv:0"), spec.group("blocks.0.qkv:2")
+    assert (qk.blocks, v.blocks) == (4, 4) and qk.tie == v.tie is not None
 
 
 def test_gpt_decoder_functional_tied_head():

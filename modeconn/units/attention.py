@@ -8,10 +8,13 @@ any invertible (non-permutation) map of a head's query/key space, or of its valu
 """
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeconn.units.groups import Units
+from modeconn.units.groups import Param, Units
 from modeconn.units.layers import dense_units, layernorm_units
 from modeconn.units.ops import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 from modeconn.units.spec import UnitAxis
@@ -152,9 +155,51 @@ def scaled_dot_product_attention(ctx, node):
     return v
 
 
+def _heads_at(s, offset: int):
+    """The output axis of ``s``'s heads (``None`` without heads) for an operand ``offset`` axes shorter."""
+    if s.scores:
+        return s.axis + offset
+    return None if s.head_axis is None else s.head_axis + offset
+
+
+def matmul(ctx, node):
+    """Attention written out: ``q @ k.transpose(-2, -1)`` contracts the q/k units (one group; the result
+    holds the heads only, as scores), ``scores @ v`` ties v's heads to q/k's; a product with an unpermuted
+    matrix keeps the units of the other operand's free axis."""
+    a, b = node.args[0], node.args[1]
+    sa, sb = ctx.state(a), ctx.state(b)
+    na, nb, nd = len(ctx.shape(a) or ()), len(ctx.shape(b) or ()), len(ctx.shape(node) or ())
+    if min(na, nb) < 2 or isinstance(sa, Param) or isinstance(sb, Param):
+        ctx.fail("a matrix product of vectors or with a parameter")
+    off_a, off_b = nd - na, nd - nb
+    why = f"{ctx.where}: a head's units are read jointly by its attention"
+    single = lambda s: len(s.parts) == 1 and s.parts[0][1] == 1  # noqa: E731
+    if isinstance(sa, Units) and isinstance(sb, Units):
+        ha, hb = _heads_at(sa, off_a), _heads_at(sb, off_b)
+        if ha != hb or not (single(sa) and single(sb)):
+            ctx.fail("a product of hidden-unit tensors whose heads do not line up")
+        if not sa.scores and not sb.scores and sa.axis == na - 1 and sb.axis == nb - 2:  # q @ k^T
+            ctx.G.union(sa.parts[0][0], sb.parts[0][0], ctx.where)
+            ctx.G.mark(sa.parts, mixing=why)
+            return None if ha is None else Units(ha, sa.parts, scores=True)
+        if sa.scores and not sb.scores and sb.axis == nb - 1 and ha is not None:  # scores @ v
+            ctx.G.tie(sa.parts[0][0], sb.parts[0][0], ctx.where)
+            ctx.G.mark(sb.parts, mixing=why)
+            return Units(nd - 1, sb.parts, hb)
+        ctx.fail("a product of hidden-unit tensors that is not attention")
+    s, free, other, off = (sb, nb - 1, a, off_b) if isinstance(sb, Units) else (sa, na - 2, b, off_a)
+    h = _heads_at(s, off)
+    pos = None if h is None else h - (nd - len(ctx.shape(other)))
+    if s.scores or s.axis != free or (pos is not None and pos >= 0 and ctx.shape(other)[pos] != 1):
+        ctx.fail("a matrix product that mixes hidden units with an unpermuted tensor")
+    return s.moved(lambda x: x + off)
+
+
 MODULES = {
     nn.MultiheadAttention: multihead_attention,
     nn.TransformerEncoderLayer: transformer_encoder_layer,
     nn.TransformerEncoder: transformer_encoder,
 }
-FUNCTIONS = {F.scaled_dot_product_attention: scaled_dot_product_attention}
+FUNCTIONS = {F.scaled_dot_product_attention: scaled_dot_product_attention, torch.matmul: matmul,
+             operator.matmul: matmul}
+METHODS = {"matmul": matmul}

@@ -18,15 +18,17 @@ Part = tuple[int, int]  # (group id, entries per unit along the axis)
 class Units:
     """A traced tensor's units: axis ``axis`` holds the concatenation of ``parts``. With ``head_axis``
     (one part, attention heads split out by a view), the unit index is ``head * d + j``: the head on
-    ``head_axis``, ``j`` on ``axis``."""
+    ``head_axis``, ``j`` on ``axis``. With ``scores`` (attention scores ``q @ k^T``), axis ``axis`` holds
+    only the heads (blocks) of the one part's group, no units."""
     axis: int
     parts: tuple[Part, ...]
     head_axis: int | None = None
+    scores: bool = False
 
     def moved(self, new_axis_of) -> "Units":
         """The same units after the tensor's axes moved (``new_axis_of(old) -> new``)."""
         h = None if self.head_axis is None else new_axis_of(self.head_axis)
-        return Units(new_axis_of(self.axis), self.parts, h)
+        return Units(new_axis_of(self.axis), self.parts, h, self.scores)
 
 
 @dataclass(frozen=True)

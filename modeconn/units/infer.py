@@ -21,7 +21,7 @@ __all__ = ["infer", "SUPPORTED"]
 SUPPORTED = (
     "nn.Linear (on the last axis of N-D inputs), nn.Conv1d/2d/3d (any groups, depthwise), nn.BatchNorm1d/2d/3d, "
     "nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoder(Layer), "
-    "F.scaled_dot_product_attention, F.linear with the model's weights, elementwise activations (ReLU, GELU, "
+    "F.scaled_dot_product_attention or q @ k^T -> softmax -> @ v, F.linear with the model's weights, elementwise activations (ReLU, GELU, "
     "SiLU, Hardswish, ... and their functional forms), Identity, Dropout, Softmax, pooling, nn.Flatten, "
     "view / reshape / flatten / transpose / permute / expand / indexing, torch.cat / split / chunk, mean/sum "
     "over any axes, +, -, *, / between tensors (residual additions merge unit groups) and learned tables "
@@ -39,7 +39,8 @@ MODULES: dict[type, Callable] = {
     **attention.MODULES,
 }
 FUNCTIONS: dict = {**ops.FUNCTIONS, torch.nn.functional.linear: layers.functional_linear, **attention.FUNCTIONS}
-METHODS: dict = ops.METHODS
+METHODS: dict = {**ops.METHODS, **attention.METHODS}
+SCORES_OK = {*ops.SCORES_OK, attention.matmul}
 
 
 class _Tracer(Tracer):
@@ -149,6 +150,8 @@ class _Context:
                 if self.calls[path] > 1:
                     self.fail("it is called more than once (shared weights)")
             handler = _lookup_module(m)
+            if any(self._is_scores(s) for s in states) and not isinstance(m, ops.ELEMENTWISE_MODULES):
+                self.fail("attention scores (q @ k^T) reaching a layer")
             if handler is None:
                 return self.fail() if stateful or has_units else None
             return handler(self, node, m, path)
@@ -170,7 +173,15 @@ class _Context:
             if node.target in (torch.stack,):
                 self.where += " (stacking hidden-unit tensors)"
             self.fail()
+        if handler not in SCORES_OK and any(self._is_scores(s) for s in states):
+            self.fail("attention scores (q @ k^T) reaching an operation other than scaling, masking, softmax "
+                      "and the product with v")
         return handler(self, node)
+
+    def _is_scores(self, value) -> bool:
+        if isinstance(value, tuple):
+            return any(self._is_scores(v) for v in value)
+        return isinstance(value, Units) and value.scores
 
     def trace(self):
         outputs: list = []

@@ -191,6 +191,9 @@ def binary(ctx, node):
     if len(aligned) != 1:
         ctx.fail("it combines tensors whose units lie on different axes")
     axis, head = aligned.pop()
+    scores = any(s.scores for _, s in units)
+    if scores and len(units) > 1:
+        ctx.fail("it combines attention scores with other hidden-unit tensors")
     parts = units[0][1].parts
     for a, s in units:
         shp = ctx.shape(a)
@@ -202,12 +205,12 @@ def binary(ctx, node):
         pos = axis - (nd - len(shp))
         if isinstance(s, Units) or pos < 0 or shp[pos] == 1:
             continue
-        if isinstance(s, Param) and s.axes[pos] is not None and head is None:
+        if isinstance(s, Param) and s.axes[pos] is not None and head is None and not scores:
             ctx.G.attach(parts, "producers", s.key, s.axes[pos])
             continue
         ctx.fail(f"it combines hidden units with a tensor ({a.name}, shape {shp}) that has its own, "
                  "unpermutable, unit axis")
-    return Units(axis, ctx.G.leaves(parts), head)
+    return Units(axis, ctx.G.leaves(parts), head, scores)
 
 
 def cat(ctx, node):
@@ -353,5 +356,7 @@ METHODS = {
     **{m: elementwise for m in ELEMENTWISE_METHODS}, **{m: binary for m in BINARY_METHODS},
     **{m: reshape for m in RESHAPE_METHODS}, **{m: reduce for m in REDUCE_METHODS},
     **{m: non_tensor for m in NON_TENSOR_METHODS}, "split": split, "chunk": split, "transpose": transpose,
-    "permute": transpose, "expand": expand,
+    "permute": transpose, "expand": expand, "masked_fill": binary,
 }
+#: handlers that understand attention scores (``Units.scores``); every other one refuses them
+SCORES_OK = {elementwise, non_tensor, binary, transpose, expand, reduce, getitem}
