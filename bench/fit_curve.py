@@ -15,7 +15,7 @@ MLP: hidden (256, 256), dropout 0.5) run in well under two minutes on a CPU.
 ``--compare`` instead measures epochs to a barrier: a ConvFC-like net (3 conv layers with max-pooling, 2
 hidden linear layers, no BatchNorm) on digits upsampled to 3x32x32, endpoints trained ``--endpoint-epochs``
 (30), then one curve per ``--runs`` entry ``T:EPOCHS:LR`` (t per step, epoch budget with the Garipov
-schedule sized to it, learning rate; default: the reference's one t per batch for 20 epochs, and 4 t per
+schedule sized to it, learning rate, optionally the bend initialisation ``line`` or ``scaled``; default: the reference's one t per batch for 20 epochs, and 4 t per
 batch for 10). After every epoch the curve's epsilon barrier of the train loss (``--num-points`` points) is
 printed with the epoch's training seconds (wall and process CPU, measured in this process), and the
 summary says in how many epochs each run reaches the first run's final barrier.
@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--compare", action="store_true", help="epochs to barrier, one t per batch vs several")
     p.add_argument("--runs", nargs="+", default=["1:20:0.05", "4:10:0.05"],
-                   help="--compare: curves as T_PER_STEP:EPOCHS:LR (the first is the reference)")
+                   help="--compare: curves as T_PER_STEP:EPOCHS:LR[:INIT] (the first is the reference)")
+    p.add_argument("--work", default=None, help="--compare: folder for the endpoint checkpoints (reused)")
     p.add_argument("--channels", type=int, nargs=3, default=[8, 16, 16], help="--compare: ConvFC conv widths")
     p.add_argument("--fc", type=int, default=128, help="--compare: ConvFC hidden linear width")
     return p.parse_args(argv)
@@ -112,7 +113,8 @@ def compare(args, dev) -> dict:
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = convfc(args.channels, args.fc)
-        metrics = train(model, ds, cfg, seed=seed, progress=False)
+        ckpt = Path(args.work) / f"convfc_seed{seed}.pt" if args.work else None
+        metrics = train(model, ds, cfg, seed=seed, checkpoint_path=ckpt, progress=False)
         ends.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         print(f"endpoint seed {seed}: train loss {metrics['train_loss']:.4f}, test acc {metrics['test_acc']:.4f}")
     model = convfc(args.channels, args.fc)
@@ -125,35 +127,35 @@ def compare(args, dev) -> dict:
     print(f"straight line: epsilon barrier {results['line_barrier']:.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(args.runs):
-            m, epochs, lr = spec.split(":")
+            m, epochs, lr, init = (spec.split(":") + ["line"])[:4]
             m, epochs, lr = int(m), int(epochs), float(lr)
             ckpt = Path(tmp) / f"run{i}.pt"
-            run = {"t_per_step": m, "epochs": epochs, "lr": lr, "barrier": [], "cpu_s": []}
+            run = {"t_per_step": m, "epochs": epochs, "lr": lr, "init": init, "barrier": [], "cpu_s": []}
             clock = [time.process_time()]
 
             def after_epoch(epoch, record, run=run, ckpt=ckpt, clock=clock):
                 run["cpu_s"].append(time.process_time() - clock[0])
                 run["barrier"].append(barrier(load_curve(ckpt)))
-                print(f"  t/step {m} lr {lr:g} epoch {epoch:2d}/{epochs}: barrier {run['barrier'][-1]:.4f}  "
+                print(f"  t/step {m} lr {lr:g} {init} epoch {epoch:2d}/{epochs}: barrier {run['barrier'][-1]:.4f}  "
                       f"{record['seconds']:.2f} s wall, {run['cpu_s'][-1]:.2f} s CPU, loss {record['train_loss']:.4f}",
                       flush=True)
                 clock[0] = time.process_time()  # the barrier's evaluation is not training time
 
             curve = fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends, epochs=epochs,
-                              lr=lr, wd=args.wd, batch_size=args.batch_size, t_per_step=m, device=dev,
+                              lr=lr, wd=args.wd, batch_size=args.batch_size, t_per_step=m, init=init, device=dev,
                               checkpoint_path=ckpt, progress=False, callback=after_epoch)
             run["wall_s"] = curve.info["seconds"]
             results["runs"].append(run)
     ref = results["runs"][0]
     target = ref["barrier"][-1]
     print(f"\nreference (t/step {ref['t_per_step']}, {ref['epochs']} epochs): final barrier {target:.4f}")
-    print(f"{'t/step':>6s} {'epochs':>6s} {'lr':>6s} {'final':>8s} {'reaches ref at':>15s} {'s/epoch wall':>13s} "
+    print(f"{'t/step':>6s} {'epochs':>6s} {'lr':>6s} {'init':>6s} {'final':>8s} {'reaches ref at':>15s} {'s/epoch wall':>13s} "
           f"{'CPU':>6s} {'cost vs ref':>12s}")
     for run in results["runs"]:
         hit = next((e + 1 for e, b in enumerate(run["barrier"]) if b <= target), None)
         run["epochs_to_reference"] = hit
         run["cost_vs_reference"] = statistics.median(run["cpu_s"]) / statistics.median(ref["cpu_s"])
-        print(f"{run['t_per_step']:6d} {run['epochs']:6d} {run['lr']:6g} {run['barrier'][-1]:8.4f} "
+        print(f"{run['t_per_step']:6d} {run['epochs']:6d} {run['lr']:6g} {run['init']:>6s} {run['barrier'][-1]:8.4f} "
               f"{str(hit or '-'):>15s} {statistics.median(run['wall_s']):13.2f} {statistics.median(run['cpu_s']):6.2f} "
               f"{run['cost_vs_reference']:11.3f}x")
     return results

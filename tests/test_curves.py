@@ -210,6 +210,23 @@ def test_several_t_per_step_split_the_batch_each_part_through_its_own_point(batc
     assert torch.allclose(grad, expected_grad, atol=1e-6)
 
 
+def test_scaled_initialisation_puts_bends_at_the_endpoints_norms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    a, b = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict(), model.state_dict()
+    for fixed_ends in (True, False):
+        flat = FlatCurve(model, a, b, "bezier", 5, fixed_ends, torch.device("cpu"), init="scaled")
+        for k, bend in enumerate(flat.bends()[1:-1], 1):
+            line = linear(a, b)(k / 4)
+            for key in bend:
+                want = torch.lerp(a[key].norm(), b[key].norm(), k / 4)
+                assert bend[key].norm().item() == pytest.approx(want.item(), rel=1e-5)
+                assert torch.allclose(bend[key] / bend[key].norm(), line[key] / line[key].norm(), atol=1e-6)
+        assert all(torch.equal(flat.bends()[0][k], a[k]) for k in a)  # the ends are not rescaled
+    with pytest.raises(ValueError, match="init must be one of line, scaled"):
+        fit_curve(model, a, b, (torch.randn(8, 6), torch.randint(0, 3, (8,))), init="random", progress=False)
+
+
 def test_t_per_step_is_at_most_the_batch_size(digits, mlp_ends):
     build, a, b = mlp_ends
     with pytest.raises(ValueError, match="t_per_step .* at most batch_size"):

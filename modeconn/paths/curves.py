@@ -36,6 +36,7 @@ from modeconn.loop import OPTIMIZERS, SCHEDULES, Loop, Resume, Schedule, make_op
 from modeconn.paths.base import Path, State, as_times, check_compatible, check_endpoints, float_state
 
 KINDS = ("bezier", "polychain")
+INITS = ("line", "scaled")  # where the interior bends start: on the straight line, or there at the ends' norms
 CHECKPOINT_FORMAT = "modeconn.curve/2"
 
 
@@ -174,7 +175,7 @@ def _real(x) -> bool:
 
 def check_curve_options(kind="bezier", num_bends=3, epochs=30, lr=0.05, wd=1e-4, batch_size=128, momentum=0.9,
                         optimizer="sgd", schedule="garipov", t_per_step=1, fixed_ends=True, augment=True, seed=0,
-                        **_) -> dict:
+                        init="line", **_) -> dict:
     """:func:`fit_curve`'s option checks (the CLI runs them on a config before any training); returns the
     checked settings, which identify a curve checkpoint. Raises ``ValueError`` naming the option."""
     if not _integer(num_bends):
@@ -202,10 +203,12 @@ def check_curve_options(kind="bezier", num_bends=3, epochs=30, lr=0.05, wd=1e-4,
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     return {"kind": kind, "num_bends": int(num_bends), "epochs": int(epochs), "lr": float(lr), "wd": float(wd),
             "batch_size": int(batch_size), "momentum": float(momentum), "optimizer": optimizer,
             "schedule": str(schedule), "t_per_step": int(t_per_step), "fixed_ends": bool(fixed_ends),
-            "augment": bool(augment), "seed": int(seed)}
+            "augment": bool(augment), "seed": int(seed), "init": init}
 
 
 class FlatCurve:
@@ -219,7 +222,7 @@ class FlatCurve:
     """
 
     def __init__(self, model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
-                 kind: str, num_bends: int, fixed_ends: bool, device: torch.device) -> None:
+                 kind: str, num_bends: int, fixed_ends: bool, device: torch.device, init: str = "line") -> None:
         a, b = float_state(theta_a), float_state(theta_b)
         check_compatible(a, b)
         self.names = [name for name, _ in model.named_parameters()]
@@ -242,10 +245,22 @@ class FlatCurve:
             self.free = torch.zeros(num_bends - 2, self.flat_a.numel(), dtype=self.dtype, device=device)
         else:
             self.free = torch.stack([self._line(r) for r in self.free_rows])
+        if init == "scaled":  # interior bends start at the line's points rescaled to the ends' interpolated norms
+            with torch.no_grad():
+                for i, r in enumerate(self.free_rows):
+                    if 0 < r < num_bends - 1:
+                        self.free[i] = self._scaled_line(r) - (self._line(r) if fixed_ends else 0)
         self.free.requires_grad_(True)
 
     def _line(self, r: int) -> Tensor:
         return torch.lerp(self.flat_a, self.flat_b, r / (self.n - 1))
+
+    def _scaled_line(self, r: int) -> Tensor:
+        """Bend r's point on the line with every parameter tensor rescaled to the norm interpolated between
+        the endpoints' (averaging two solutions shrinks the weights; this undoes it)."""
+        w = r / (self.n - 1)
+        pieces = zip(self._line(r).split(self.sizes), self.flat_a.split(self.sizes), self.flat_b.split(self.sizes))
+        return torch.cat([p * (torch.lerp(pa.norm(), pb.norm(), w) / p.norm().clamp_min(1e-12)) for p, pa, pb in pieces])
 
     def endpoints_digest(self) -> str:
         """A sha256 of the endpoints' exact values (identifies the curve a checkpoint belongs to)."""
@@ -369,6 +384,7 @@ def fit_curve(
     fixed_ends: bool = True,
     augment: bool = True,
     seed: int = 0,
+    init: str = "line",
     device: str | torch.device = "auto",
     checkpoint_path: str | os.PathLike | None = None,
     progress: bool = True,
@@ -381,7 +397,8 @@ def fit_curve(
     ``Dataset`` (its train split; CIFAR-style augmentation when ``augment`` and the dataset asks for it),
     an ``(inputs, targets)`` pair or an iterable of batches.
 
-    Interior bends start evenly spaced on the straight line; endpoints stay fixed unless
+    Interior bends start evenly spaced on the straight line (``init="line"``), or there with every parameter
+    tensor rescaled to the norm interpolated between the endpoints' (``init="scaled"``); endpoints stay fixed unless
     ``fixed_ends=False``. Each step splits its batch into ``t_per_step`` = m equal parts and runs part j
     through phi(t_j) at its own stratified t_j = (j + u_j) / m, u_j ~ U(0, 1) (:class:`CurveStep`: one
     vmapped call, the cost of one t; m = 1 is the reference's t ~ U(0, 1) per batch); it minimises the
@@ -402,10 +419,11 @@ def fit_curve(
     cross-entropy), ``regularizer`` (mean 0.5 wd ||phi(t)||^2), ``lr``, ``seconds`` and ``settings``.
     """
     settings = check_curve_options(kind, num_bends, epochs, lr, wd, batch_size, momentum, optimizer, schedule,
-                                   t_per_step, fixed_ends, augment, seed)
+                                   t_per_step, fixed_ends, augment, seed, init)
     check_endpoints(theta_a, theta_b, model, data)
     dev = resolve_device(device)
-    curve = FlatCurve(model, theta_a, theta_b, settings["kind"], settings["num_bends"], settings["fixed_ends"], dev)
+    curve = FlatCurve(model, theta_a, theta_b, settings["kind"], settings["num_bends"], settings["fixed_ends"], dev,
+                      settings["init"])
     ckpt_file = FilePath(checkpoint_path) if checkpoint_path is not None else None
     resume = None
     if ckpt_file is not None:
