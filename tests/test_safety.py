@@ -1,5 +1,6 @@
-"""No file modeconn reads can run code: a pickle payload at every place a file is read is refused, through
-the API and the CLI, and the payload's side effect (a marker file) never happens."""
+"""Issue 10, items 1, 2 and 5. No file modeconn reads can run code: a pickle payload at every place a file
+is read is refused, through the API and the CLI, and its side effect (a marker file) never happens. NaN
+never finishes a run. Bad input at the API's boundaries is refused before any work, saying what is wrong."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,11 @@ from torch import nn
 
 from modeconn import data as D
 from modeconn.checkpoint import UnreadableFileError, save_checkpoint
+from modeconn.checks import NonFiniteError, check_finite_endpoints, check_path_losses
+from modeconn.evaluate import evaluate_path
 from modeconn.models import build
-from modeconn.paths import fit_curve, load_curve, narrow_path
+from modeconn.paths import dropout_path, fit_curve, linear, load_curve, narrow_path, noise_path
+from modeconn.paths.base import Path
 from modeconn.train import TrainConfig, resume_path, train
 
 HIDDEN = [16, 16]
@@ -110,6 +114,15 @@ def test_the_narrow_network_checkpoint_refuses_a_payload(tmp_path, plant, digits
                                 device="cpu", trainer={"epochs": 1}), bad)
 
 
+def test_a_payload_in_the_data_cache_is_never_run(tmp_path, plant):
+    """mnist_subset keeps its split as a torch file; a payload there is refused (and the cache rebuilt)."""
+    from modeconn.mnist_subset import cache_file, load_mnist_subset
+
+    file = plant(cache_file(tmp_path, 0, 1000))
+    data = load_mnist_subset(tmp_path, split_seed=0, num_test=1000)
+    assert data.num_test == 1000 and os.path.getsize(file) > 1000
+
+
 # --------------------------------------------------------------------------------------- CLI
 
 TINY = ["data=digits", f"model.hidden=[{HIDDEN[0]},{HIDDEN[1]}]", "trainer.epochs=1", "eval.num_points=3",
@@ -176,9 +189,6 @@ def test_the_cli_refuses_a_payload_wherever_it_reads_a_file(tmp_path, plant, cas
 
 # =========================================================================== non-finite values (issue 10.2)
 
-from modeconn.checks import NonFiniteError, check_finite_endpoints  # noqa: E402
-from modeconn.evaluate import evaluate_path  # noqa: E402
-from modeconn.paths import dropout_path, linear, noise_path  # noqa: E402
 
 SCALE = 1e25  # A and B compute the same function, but their midpoint overflows float32
 
@@ -230,11 +240,9 @@ def test_constructors_refuse_non_finite_endpoints(digits):
 def test_path_json_is_strict_when_the_loss_is_not_finite(tmp_path, digits):
     model = tiny()
     ev = evaluate_path(model, linear(*rescaled_pair(model)), digits, num_points=3, device="cpu", progress=False)
-    assert not all(map(lambda v: v == v, ev.metrics["train_loss"]))  # NaN at t = 1/2
+    assert any(v != v for v in ev.metrics["train_loss"])  # NaN at t = 1/2
     text = ev.save(tmp_path).read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
-    from modeconn.checks import check_path_losses
-
     with pytest.raises(NonFiniteError, match=r"path linear: the train loss is (nan|None) at t = 0.5; the run failed"):
         check_path_losses(ev)
 
@@ -273,7 +281,6 @@ def test_the_cli_refuses_nan_endpoints_and_fails_a_nan_path(tmp_path):
 
 # =========================================================================== API boundaries (issue 10.5)
 
-from modeconn.paths.base import Path  # noqa: E402
 
 
 class CountingPath(Path):
