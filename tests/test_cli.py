@@ -25,6 +25,7 @@ def cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_a_tiny_run_writes_report_plot_tables_and_checkpoints(tmp_path):
     summary = run(config(), tmp_path)
     assert summary["finished"] and set(summary["paths"]) == {"linear"}
@@ -53,6 +54,7 @@ def current_umask() -> int:
     return mask
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_a_path_selection_on_the_command_line_narrows_a_preset(tmp_path):
     assert selected_paths(["seed=1", "path=[linear,bezier]"]) == ["linear", "bezier"]
     assert selected_paths(["path=linear"]) == ["linear"] and selected_paths(["seed=1"]) is None
@@ -95,6 +97,7 @@ def test_existing_checkpoints_as_endpoints_and_foreign_ones_refused(tmp_path):
         run(config(ends, "model.hidden=[8,16]"), tmp_path / "c")
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_console_script_errors_cleanly_and_sweeps_skip_finished_jobs(tmp_path):
     bad = cli(*TINY, "trainer.lr=-1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
     assert bad.returncode == 2 and "trainer.lr" in bad.stderr and "Traceback" not in bad.stderr
@@ -112,6 +115,7 @@ def test_console_script_errors_cleanly_and_sweeps_skip_finished_jobs(tmp_path):
     assert report.returncode == 0 and "2 run(s)" in report.stdout and "| linear | 2 |" in report.stdout
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_endpoint_stability_measurements_for_the_paper_figures(tmp_path):
     summary = run(config("stability.dropout_keep=[0.5,0.9]", "stability.noise=true", "stability.noise_items=16",
                          "stability.trials=3"), tmp_path)
@@ -126,6 +130,7 @@ def test_endpoint_stability_measurements_for_the_paper_figures(tmp_path):
     assert "## Endpoint stability" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_a_refused_rerun_leaves_the_finished_run_untouched(tmp_path, capsys, monkeypatch):
     from test_errors import invoke, snapshot
 
@@ -140,6 +145,7 @@ def test_a_refused_rerun_leaves_the_finished_run_untouched(tmp_path, capsys, mon
     assert snapshot(tmp_path / "run") == record  # Hydra's record of the finished run included
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_changed_endpoint_files_are_refused_instead_of_already_finished(tmp_path):
     import shutil
 
@@ -162,6 +168,7 @@ def test_changed_endpoint_files_are_refused_instead_of_already_finished(tmp_path
         run(config(), tmp_path / "a")
 
 
+@pytest.mark.slow  # end to end: about 5 s or more
 def test_a_run_records_what_its_numbers_depend_on_and_refuses_other_threads(tmp_path):
     import torch
 
