@@ -36,12 +36,12 @@ from modeconn.evaluate import evaluate_path
 from modeconn.models import build
 from modeconn.paths import linear
 from modeconn.stability import apply_dropout
+from modeconn.state import State
 from modeconn.train import TrainConfig, evaluate_model, train
 from modeconn.units import infer
 
 __all__ = ["Figure2Options", "figure2", "pool_figure2", "best_subnetworks", "dropout_segment", "train_trial_net", "mean_std"]
 
-State = dict[str, Tensor]
 #: (seed, width or None for the configured model) -> (module, trained state dict)
 NetTrainer = Callable[[int, "int | None"], tuple[nn.Module, State]]
 
@@ -148,19 +148,19 @@ def dropout_segment(model: nn.Module, theta: State, xy: tuple[Tensor, Tensor], p
     module = _scorer(model)
     spec = infer(copy.deepcopy(model), xy[0][:2])
     gen = torch.Generator().manual_seed(int(seed))
-    best = None
-    for attempt in range(1, tries + 1):
+    best, made = None, 0
+    for made in range(1, tries + 1):
         dropped = apply_dropout(spec, theta, _draw(spec, 1.0 - p, gen), p)
         loss, acc = _score(module, dropped, xy)
         if best is None or acc > best[2]:
-            best = (dropped, loss, acc, attempt)
+            best = (dropped, loss, acc, made)
         if acc > accuracy:
             break
-    dropped, loss, acc, attempt = best
+    dropped, loss, acc, used = best
     ts = [float(t) for t in np.linspace(0.0, 1.0, points)]
     ev = evaluate_path(model, linear(theta, dropped), xy, ts=ts, max_items=None, device=device or "cpu",
                        name=f"segment to p={p} copy", progress=progress)
-    return {"p": float(p), "tries": attempt, "accuracy_met": acc > accuracy, "copy_loss": loss, "copy_accuracy": acc,
+    return {"p": float(p), "tries": made, "draw_used": used, "accuracy_met": acc > accuracy, "copy_loss": loss, "copy_accuracy": acc,
             "ts": ev.ts, "loss": ev.metrics["train_loss"], "accuracy": [1.0 - e for e in ev.metrics["train_error"]]}
 
 
