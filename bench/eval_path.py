@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
             print(f"endpoint seed {seed}: {args.epochs} epochs, train loss {m['train_loss']:.4f}, "
                   f"test acc {m['test_acc']:.4f}")
         ends.append({k: v.detach().clone() for k, v in net.state_dict().items()})
-    path = linear(ends[0], ends[1]).to(dev)
+    path = linear(ends[0], ends[1])  # the endpoints live on dev
     model = build(args, ds).to(dev).eval()
     ts = grid(args.points)
     splits = {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test)}
