@@ -512,6 +512,8 @@ def test_strict_false_partial_spec():
         infer(WithUntraceable(), torch.randn(1, 3))
     spec = infer(WithUntraceable(), torch.randn(1, 3), strict=False)
     assert spec.sizes == {"b": 5} and "'inner'" in spec.skipped[0] and 0 < spec.covered < 1
+    nothing = infer(DataDependent(), torch.randn(1, 4), strict=False)  # the top level itself: an empty spec
+    assert nothing.groups == [] and nothing.covered == 0.0 and "could not trace the model" in nothing.skipped[0]
 
 
 def test_from_axes_git_rebasin_form():
