@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from modeconn import data as mdata
 from modeconn.checkpoint import CheckpointMismatchError, atomic_torch_save, describe_mismatch, safe_load
@@ -226,12 +227,10 @@ class Loop:
             if not self.finished:
                 self.optimizer.load_state_dict(self._saved["optimizer"])
             self.resumed_from = self.epoch
-            log.info("%s: resumed from epoch %d of %d (%s)", self.label, self.epoch, self.schedule.epochs,
-                     self.resume.file)
+            log.info("%s: %s epoch %d of %d (%s)", self.label, "finished at" if self.finished else "resumed from",
+                     self.epoch, self.schedule.epochs, self.resume.file)
         if self.finished:
             return self.history
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=self.schedule.epochs, initial=self.epoch, desc=self.label, unit="epoch", leave=False,
                    disable=not self.progress)
         try:
