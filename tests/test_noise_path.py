@@ -127,6 +127,7 @@ def test_mlp_noise_path(flat, hidden):
     _check_lemma2_bound(path, loss, seg)
 
 
+@pytest.mark.slow  # a conv net's construction: about 5 s or more
 def test_convnet_noise_path(images):
     a, b = trained_pair("convnet", _conv, images, steps=100)
     theta_a, theta_b = _states(a, b)
@@ -278,6 +279,7 @@ def test_narrow_path_with_a_narrow_model(flat):
         narrow_path(a, theta_a, theta_b, flat, width=5, narrow_model=small, trainer=QUICK, progress=False)
 
 
+@pytest.mark.slow  # a conv net's construction: about 5 s or more
 def test_convnet_narrow_path(images):
     a, b = trained_pair("convnet", _conv, images, steps=100)
     theta_a, theta_b = _states(a, b)
