@@ -114,6 +114,7 @@ def test_the_narrow_network_checkpoint_refuses_a_payload(tmp_path, plant, digits
                                 device="cpu", trainer={"epochs": 1}), bad)
 
 
+@pytest.mark.slow
 def test_a_payload_in_the_data_cache_is_never_run(tmp_path, plant):
     """mnist_subset keeps its split as a torch file; a payload there is refused (and the cache rebuilt)."""
     from modeconn.mnist_subset import cache_file, load_mnist_subset
