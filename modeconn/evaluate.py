@@ -151,9 +151,9 @@ def _chunk_size(model: nn.Module, n_points: int, x: Tensor, bn_inputs: Tensor | 
                 device: torch.device) -> int:
     """Points evaluated together by the batched evaluation (see :func:`modeconn.stacked.point_chunk`): room
     is left for a data batch of ``MIN_ROWS`` examples and, with BatchNorm, for a statistics batch. One at a
-    time for a BatchNorm without running statistics, and for convolutional models on a CPU, where a vmapped
-    convolution (a grouped one) is slower than one model at a time."""
-    if not stackable(model) or (device.type == "cpu" and is_convolutional(model)):
+    time for convolutional models on a CPU, where a vmapped convolution (a grouped one) is slower than one
+    model at a time."""
+    if device.type == "cpu" and is_convolutional(model):
         return 1
     rows = min(len(x), MIN_ROWS)
     if bn_inputs is not None:
@@ -232,7 +232,9 @@ def evaluate_path(
     metrics = {f"{s}_{m}": [] for s in splits for m in METRICS}
     bn_inputs = splits["train"][0][:bn_items] if has_batchnorm(model) else None
     widest = widest_activation(model, splits["train"][0]) if batched else None
-    chunk = (point_chunk or _chunk_size(model, len(times), splits["train"][0], bn_inputs, widest, dev)) if batched else 1
+    chunk = 1  # one point at a time: the reference, and for BatchNorm layers that keep no running statistics
+    if batched and stackable(model):
+        chunk = point_chunk or _chunk_size(model, len(times), splits["train"][0], bn_inputs, widest, dev)
     stacked: StackedModel | None = None
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None

@@ -21,7 +21,6 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -29,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from modeconn.batchnorm import STATISTICS_BATCH
-from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State
+from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State, segment_index
 
 RUNNING_STATISTICS = ("running_mean", "running_var")
 LINEAR_IN_WEIGHTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # exactly these: a subclass may change forward
@@ -71,16 +70,18 @@ def stackable(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def widest_activation(model: nn.Module, x: Tensor) -> int:
-    """Elements of the largest output of any leaf module for one example (one forward pass on x[:1])."""
-    widest = [int(x[:1].numel())]
+    """Elements of the largest output of any leaf module for one example (one forward pass on x[:2]: a
+    BatchNorm that normalises by the batch's statistics needs two)."""
+    probe = x[:2]
+    widest = [int(probe[:1].numel())]
 
     def hook(module, inputs, output):
         if isinstance(output, Tensor):
-            widest.append(int(output.numel()))
+            widest.append(-(-int(output.numel()) // len(probe)))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
     try:
-        model(x[:1])
+        model(probe)
     finally:
         for h in handles:
             h.remove()
@@ -110,9 +111,7 @@ def batch_rows(n_points: int, n_items: int, batch_size: int, widest: int, device
     return max(1, min(rows, n_items))
 
 
-def segment_of(knots: Sequence[float], t: float) -> int:
-    """Index of the segment of t (a knot belongs to the segment it starts; 1 to the last)."""
-    return int(min(max(np.searchsorted(np.asarray(knots), t, side="right") - 1, 0), len(knots) - 2))
+segment_of = segment_index  # the one segment look-up lives with the paths
 
 
 def waypoints(path: Path) -> list[State] | None:

@@ -263,3 +263,17 @@ def test_cuda_memory_stays_within_the_budget(monkeypatch):
     chunk = stacked.point_chunk(9, params, widest, 512, torch.device("cuda"))
     assert chunk > 1
     assert peak <= 4 * (3 * chunk * params + 8 * budget.activation)
+
+
+def test_batchnorm_without_running_statistics_goes_one_point_at_a_time(device):
+    x, y = data()
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.ReLU(), nn.Linear(16, 3))
+
+    path = linear(net(1).state_dict(), net(2).state_dict())
+    kw = dict(num_points=5, batch_size=100, progress=False, device=device)
+    fast = evaluate_path(net(0), path, (x, y), point_chunk=4, **kw)  # normalised by each eval batch's statistics
+    slow = evaluate_path(net(0), path, (x, y), batched=False, **kw)
+    assert fast.metrics == slow.metrics
