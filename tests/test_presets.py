@@ -2,8 +2,8 @@
 
 Every preset composes and passes ``modeconn.config.validate``; every ``_quick`` preset runs end to end on the
 digits data; the joblib and submitit launchers run a two-job sweep that writes one run directory per job
-and, relaunched, skips the finished jobs. A preset whose path constructor module cannot be imported yet is
-skipped with the reason (its quick run still runs the paths that exist, then reports the skip).
+and, relaunched, skips the finished jobs. Every path a preset names has an importable constructor: an import
+regression fails here, it is never skipped.
 """
 from __future__ import annotations
 
@@ -41,18 +41,6 @@ def preset(name: str, *overrides: str, hydra: bool = False):
                        return_hydra_config=hydra)
 
 
-def missing_constructors(cfg) -> dict[str, str]:
-    """path name -> why its constructor cannot be imported (empty when all can)."""
-    missing = {}
-    for name in cfg.path:
-        builder = BUILDERS[name]
-        try:
-            builder.function
-        except (ImportError, AttributeError) as e:
-            missing[name] = f"{builder.module}.{builder.attr} is not importable yet ({type(e).__name__}: {e})"
-    return missing
-
-
 @pytest.fixture
 def one_thread():
     """The quick presets' models are tiny: one intra-op thread is as fast and does not oversubscribe a
@@ -85,9 +73,8 @@ def test_every_preset_composes_and_names_its_run(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_validates(name):
     cfg = preset(name)
-    missing = missing_constructors(cfg)
-    if missing:
-        pytest.skip("; ".join(f"path.{k}: {v}" for k, v in missing.items()))
+    for path_name in cfg.path:  # the constructor imports (an ImportError fails the test)
+        assert callable(BUILDERS[path_name].function), path_name
     validate(cfg)
 
 
@@ -151,9 +138,6 @@ def test_removing_a_presets_path_from_the_command_line():
 @pytest.mark.parametrize("name", QUICK)
 def test_a_quick_preset_runs_end_to_end(name, tmp_path, one_thread):
     cfg = preset(name, "progress=false")
-    missing = missing_constructors(cfg)
-    if missing:  # run what exists now, then say what was left out
-        cfg = preset(name, "progress=false", *(f"~path.{k}" for k in missing))
     started = time.time()
     summary = run(cfg, tmp_path)
     seconds = time.time() - started
@@ -166,9 +150,6 @@ def test_a_quick_preset_runs_end_to_end(name, tmp_path, one_thread):
         if p["within_bound"] is not None:
             assert p["within_bound"], (path_name, p["barriers"]["train_loss"]["max"], p["bound"])
     print(f"\n{name}: {seconds:.1f} s (target about {QUICK_SECONDS} s)")
-    if missing:
-        pytest.skip(f"ran {list(cfg.path)} in {seconds:.0f} s; left out "
-                    + "; ".join(f"path.{k}: {v}" for k, v in missing.items()))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ a point through ``torch.func.functional_call`` or by ``load_state_dict``; no mod
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,10 +36,16 @@ def as_times(ts: Sequence[float] | Tensor | float) -> Tensor:
     return t
 
 
-def _lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+def _lerp_stacked(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
     """Stacked interpolation between a and b at weights w (exact at 0 and 1)."""
     w = w.to(a.dtype).reshape(-1, *([1] * a.dim()))
     return torch.lerp(a.unsqueeze(0).expand(w.shape[0], *a.shape), b.unsqueeze(0).expand(w.shape[0], *b.shape), w)
+
+
+def segment_index(knots: Sequence[float], t: float) -> int:
+    """Index of the segment of a path with these ``knots`` that contains t (a knot belongs to the segment it
+    starts; the last knot to the last segment)."""
+    return min(max(bisect.bisect_right(list(knots), float(t)) - 1, 0), len(knots) - 2)
 
 
 class Path:
@@ -89,15 +96,6 @@ class Path:
     def keys(self) -> list[str]:
         return list(self(0.0).keys())
 
-    def to(self, device: torch.device | str) -> "Path":
-        """Move the path's tensors to a device (in place); returns self."""
-        for attr, value in vars(self).items():
-            if isinstance(value, dict) and value and all(torch.is_tensor(v) for v in value.values()):
-                setattr(self, attr, {k: v.to(device) for k, v in value.items()})
-            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                setattr(self, attr, [{k: t.to(device) if torch.is_tensor(t) else t for k, t in v.items()} for v in value])
-        return self
-
     @property
     def num_segments(self) -> int:
         return len(self.knots) - 1
@@ -118,11 +116,18 @@ class LinearPath(Path):
 
     def points(self, ts: Sequence[float] | Tensor) -> State:
         t = as_times(ts)
-        return {k: _lerp(a, self.theta_b[k], t.to(a.device)) for k, a in self.theta_a.items()}
+        return {k: _lerp_stacked(a, self.theta_b[k], t.to(a.device)) for k, a in self.theta_a.items()}
 
 
 def linear(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> LinearPath:
     """The straight path between two state dicts of the same architecture."""
+    return LinearPath(theta_a, theta_b)
+
+
+def linear_path(model: torch.nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
+                data=None) -> LinearPath:
+    """:func:`linear` with every constructor's arguments ``(model, theta_a, theta_b, data)``, so a run builds
+    the straight line like any other path (the model and data are not needed for it)."""
     return LinearPath(theta_a, theta_b)
 
 
@@ -180,8 +185,7 @@ class PiecewiseLinearPath(Path):
 
     def segment_of(self, t: float) -> int:
         """Index of the segment that contains t (a knot belongs to the segment it starts)."""
-        k = torch.tensor(self.knots, dtype=torch.float64)
-        return int(torch.clamp(torch.searchsorted(k, torch.tensor([float(t)], dtype=torch.float64), right=True) - 1, 0, len(self.knots) - 2))
+        return segment_index(self.knots, t)
 
     def points(self, ts: Sequence[float] | Tensor) -> State:
         t = as_times(ts)

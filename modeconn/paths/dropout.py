@@ -36,6 +36,7 @@ from modeconn.kuditipudi.lemma2 import lemma2
 from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.certificate import Bound, Certificate
 from modeconn.state import states_equal
+from modeconn.units import UnitSpec
 
 __all__ = ["dropout_path", "LABELS"]
 
@@ -53,7 +54,8 @@ def check_dropout_options(keep: float, trials: int, **_) -> None:
 def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], data,
                  keep: float = 0.5, trials: int = 20, seed: int = 0, *, r=None, kept_a: Sequence | None = None,
                  kept_b: Sequence | None = None, max_items: int | None = None, batch_size: int = 2048,
-                 device=None, knots: str | Sequence[float] | None = None) -> PiecewiseLinearPath:
+                 device=None, knots: str | Sequence[float] | None = None,
+                 spec: UnitSpec | None = None) -> PiecewiseLinearPath:
     """Theorem 1's path from ``theta_a`` to ``theta_b`` (state dicts of ``model``).
 
     ``data``: the training data the loss, the kept-set search and the ``bound`` use (a ``Dataset`` - its
@@ -69,6 +71,8 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
     folded first; the path then lives in the folded model: ``path.model`` is that module,
     ``path.info["folded_batchnorm"]`` is True, and the endpoints are the folded theta_a and theta_b.
 
+    ``spec``: the model's unit spec when the caller has it (a run infers it once); else inferred here.
+
     Returns a :class:`PiecewiseLinearPath` with ``path(0)`` / ``path(1)`` exactly the (folded) endpoints,
     one label per segment (``"output-layer interpolation"``, ``"free-unit rewiring"``, ``"permutation"``),
     a :class:`~modeconn.paths.certificate.Certificate` whose one exact bound covers the whole path,
@@ -78,7 +82,7 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
     check_dropout_options(keep=keep, trials=trials)
     check_endpoints(theta_a, theta_b, model, data)
     keep = float(keep)
-    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device)
+    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device, spec)
     chain = problem.chain
     stab_a = stability_of(problem, a, keep, trials, seed, r, kept_a)
     stab_b = stability_of(problem, b, keep, trials, int(seed) + 1, r, kept_b)

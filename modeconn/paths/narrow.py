@@ -35,7 +35,7 @@ from modeconn.kuditipudi.narrow import narrow_network, narrow_widths, outside_su
 from modeconn.kuditipudi.resample import check_draw_options, copies_info, draw_dropout, settings_info
 from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.noise import DROPOUT, dropout_copies_certificate, lemma2_part
-from modeconn.units import infer
+from modeconn.units import UnitSpec, infer
 
 __all__ = ["narrow_path", "check_narrow_options"]
 
@@ -57,7 +57,8 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
                 checkpoint_path: str | os.PathLike | None = None, device=None, progress: bool = True,
                 max_tries: int = 50, tolerance: float | None = None, check_points: int = 11,
                 max_items: int | None = None, batch_size: int = 2048,
-                knots: str | Sequence[float] | None = None) -> PiecewiseLinearPath:
+                knots: str | Sequence[float] | None = None,
+                spec: UnitSpec | None = None) -> PiecewiseLinearPath:
     """Theorem 3's path from ``theta_a`` to ``theta_b`` through a trained narrow network (module docstring).
 
     ``p``: Algorithm 1's drop probability for both dropout copies; ``width``: the narrow hidden width h*
@@ -86,7 +87,7 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
     check_narrow_options(p=p, width=width, max_tries=max_tries, check_points=check_points, tolerance=tolerance)
     check_endpoints(theta_a, theta_b, model, data)
     p = float(p)
-    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device)
+    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device, spec)
     chain = problem.chain
     if width is None and narrow_model is not None:
         width = list(Chain.from_spec(infer(copy.deepcopy(narrow_model).to(problem.device).eval(),

@@ -48,6 +48,7 @@ from modeconn.kuditipudi.lemma2 import end_at, lemma2
 from modeconn.kuditipudi.resample import check_draw_options, copies_info, draw_dropout, settings_info
 from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.certificate import Bound, Certificate
+from modeconn.units import UnitSpec
 
 __all__ = ["noise_path", "check_noise_options", "dropout_copies_certificate", "lemma2_part", "DROPOUT", "LABELS"]
 
@@ -88,7 +89,8 @@ def lemma2_part(covers: str, first: int, last: int, ends: dict[str, float], meas
 def noise_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], data,
                p: float = 0.75, seed: int = 0, *, max_tries: int = 50, tolerance: float | None = None,
                check_points: int = 11, max_items: int | None = None, batch_size: int = 2048, device=None,
-               knots: str | Sequence[float] | None = None) -> PiecewiseLinearPath:
+               knots: str | Sequence[float] | None = None,
+               spec: UnitSpec | None = None) -> PiecewiseLinearPath:
     """Theorem 2's path from ``theta_a`` to ``theta_b`` (state dicts of ``model``) through random dropout
     copies (see the module docstring).
 
@@ -101,6 +103,8 @@ def noise_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping
     L(theta) + ``tolerance``; with ``tolerance=None`` (or when none is accepted) the valid draw with the
     lowest segment maximum is used.
 
+    ``spec``: the model's unit spec when the caller has it (a run infers it once); else inferred here.
+
     Returns a :class:`PiecewiseLinearPath` with ``path(0)`` / ``path(1)`` exactly the (BatchNorm-folded)
     endpoints, one label per segment (``"dropout interpolation"``, ``"free-unit rewiring"``,
     ``"output-layer interpolation"``, ``"permutation"``), ``bound = None``, a certificate (the
@@ -111,7 +115,7 @@ def noise_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping
     check_noise_options(p=p, max_tries=max_tries, check_points=check_points, tolerance=tolerance)
     check_endpoints(theta_a, theta_b, model, data)
     p = float(p)
-    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device)
+    problem, a, b = prepare_endpoints(model, theta_a, theta_b, data, max_items, batch_size, device, spec)
     chain = problem.chain
     need = [(n + 1) // 2 for n in chain.sizes]
     loss_a, loss_b = problem.loss(a), problem.loss(b)

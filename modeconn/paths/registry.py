@@ -10,12 +10,15 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path as FilePath
 
 import torch
 from torch import nn
 
+from modeconn.data import example_input
 from modeconn.paths.base import Path, State
+from modeconn.units import UnitSpec, infer
 
 
 @dataclass
@@ -32,13 +35,23 @@ class PathContext:
     seed: int = 0
     max_items: int | None = None  # the evaluation's cap on the data, so a bound and its check share data
 
-    def extras(self, name: str) -> dict:
-        """Run-level arguments, passed to a constructor that accepts them (unless the config sets them)."""
-        return {"checkpoint_path": self.work_dir / f"{name}.pt", "device": self.device, "progress": self.progress,
-                "max_items": self.max_items, "seed": self.seed}
+    @cached_property
+    def spec(self) -> UnitSpec:
+        """The model's unit spec, inferred once per run (on first use) for every constructor that takes it."""
+        return infer(self.model, example_input(self.data).to(self.device))
+
+    def extras(self, name: str, accepted: Mapping) -> dict:
+        """Run-level arguments a constructor accepts (``accepted``: its parameters), unless the config sets
+        them; the unit spec is inferred only when one asks for it."""
+        out = {"checkpoint_path": self.work_dir / f"{name}.pt", "device": self.device, "progress": self.progress,
+               "max_items": self.max_items, "seed": self.seed}
+        out = {k: v for k, v in out.items() if k in accepted}
+        if "spec" in accepted:
+            out["spec"] = self.spec
+        return out
 
 
-CONTEXT_KEYS = ("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress", "max_items")
+CONTEXT_KEYS = ("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress", "max_items", "spec")
 
 
 @dataclass(frozen=True)
@@ -69,16 +82,13 @@ class Builder:
                  if k not in self.reserved and (takes_all or k in accepted)})
 
     def __call__(self, ctx: PathContext, name: str, options: Mapping) -> Path:
-        if self.attr == "linear":
-            return self.function(ctx.theta_a, ctx.theta_b)
-        accepted = inspect.signature(self.function).parameters
-        kwargs = {k: v for k, v in ctx.extras(name).items() if k in accepted}
+        kwargs = ctx.extras(name, inspect.signature(self.function).parameters)
         kwargs.update(options)
         return self.function(ctx.model, ctx.theta_a, ctx.theta_b, ctx.data, **kwargs)
 
 
 BUILDERS: dict[str, Builder] = {
-    "linear": Builder("modeconn.paths.base", "linear"),
+    "linear": Builder("modeconn.paths.base", "linear_path"),
     "dropout": Builder("modeconn.paths.dropout", "dropout_path", check="check_dropout_options"),
     "noise": Builder("modeconn.paths.noise", "noise_path", check="check_noise_options"),
     "narrow": Builder("modeconn.paths.narrow", "narrow_path", check="check_narrow_options"),
