@@ -94,6 +94,7 @@ def test_mlp_dropout_path(flat, hidden):
     _check_path(path, a, flat, theta_a, theta_b)
 
 
+@pytest.mark.slow  # a conv net's construction: about 5 s or more
 def test_convnet_dropout_path(images):
     make = lambda: build("convnet", (1, 8, 8), 10, width=8, channel_dropout=0.2)  # noqa: E731
     a, b = trained_pair("convnet", make, images, steps=100)
@@ -103,6 +104,7 @@ def test_convnet_dropout_path(images):
     _check_path(path, a, images, theta_a, theta_b)
 
 
+@pytest.mark.slow  # a conv net's construction: about 5 s or more
 def test_conv_pool_flatten_sequential_with_bias(images):
     a, b = trained_pair("convpool", _conv_pool, images, steps=100)
     theta_a, theta_b = float_state(a.state_dict()), float_state(b.state_dict())
