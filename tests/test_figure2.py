@@ -66,6 +66,7 @@ def figure2_run(tmp_path_factory):
     return out, data, net, theta, summary
 
 
+@pytest.mark.slow  # needs the module's end-to-end Figure 2 run (about 10 s)
 def test_figure2_panels_over_trials(figure2_run):
     out, data, net, theta, summary = figure2_run
     result = json.loads((out / "figure2.json").read_text())
@@ -95,6 +96,7 @@ def test_figure2_panels_over_trials(figure2_run):
     assert mpimg.imread(out / "figure2.png").shape[1] > 1000
 
 
+@pytest.mark.slow  # needs the module's end-to-end Figure 2 run (about 10 s)
 def test_report_redraws_figure2_from_several_runs(figure2_run, tmp_path):
     out = figure2_run[0]
     runs = []
