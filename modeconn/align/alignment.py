@@ -114,8 +114,9 @@ def segment(t: Tensor, ax, size: int) -> Tensor:
 
 def unit_dim(module: nn.Module) -> int:
     """The axis of a module's input and output tensors that indexes its features: the last one for
-    ``nn.Linear`` (which acts on the last axis of N-D inputs), dimension 1 for convolutions and norms."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    ``nn.Linear`` and ``nn.LayerNorm`` (which act on the last axis of N-D inputs), dimension 1 for
+convolutions, BatchNorm and GroupNorm."""
+    return -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
 
 
 def unit_columns(x: Tensor, dim: int, size: int) -> Tensor:

@@ -8,8 +8,8 @@ the corrections before it. The affine correction is folded into the producing la
 bias, so every point keeps the model's architecture and ``evaluate_path`` needs no change. The endpoints
 are returned exactly.
 
-Where a hidden layer feeds a BatchNorm directly, the BatchNorm's output is the pre-activation and the
-correction goes into its weight and bias; BatchNorm layers are run on batch statistics, as the evaluator's
+Where a hidden layer feeds a BatchNorm (or a LayerNorm / GroupNorm) directly, the norm's output is the
+pre-activation and the correction goes into its weight and bias; BatchNorm layers are run on batch statistics, as the evaluator's
 per-point recompute will see them. For such a layer the recompute alone (the "reset BN" baseline) already
 restores a per-unit spread of |gamma_t| around beta_t; REPAIR replaces that by the interpolated endpoint
 statistics and, above all, corrects the units no BatchNorm normalises: layers writing into a residual
@@ -43,9 +43,13 @@ def _producing_layers(net: nn.Module, spec: UnitSpec) -> list[str]:
     return out
 
 
-def _followed_by_batchnorm(net: nn.Module, layers: list[str]) -> dict[str, str]:
-    """``{layer: batchnorm}`` for layers whose output goes only into a BatchNorm (by a torch.fx trace;
-    an untraceable model gets no redirection)."""
+_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _followed_by_norm(net: nn.Module, layers: list[str]) -> dict[str, str]:
+    """``{layer: norm}`` for layers whose output goes only into a per-unit-affine norm (BatchNorm,
+    LayerNorm over the last axis, GroupNorm), found by a torch.fx trace (an untraceable model gets no
+    redirection): the norm's output is then the pre-activation, and its affine takes the correction."""
     try:
         gm = torch.fx.symbolic_trace(net)
     except Exception:  # noqa: BLE001 - then every site is the layer itself
@@ -54,9 +58,17 @@ def _followed_by_batchnorm(net: nn.Module, layers: list[str]) -> dict[str, str]:
     for node in gm.graph.nodes:
         if node.op == "call_module" and str(node.target) in layers and len(node.users) == 1:
             user = next(iter(node.users))
-            if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), _BatchNorm):
+            norm = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(norm, _BatchNorm) or _affine_norm(norm):
                 out[str(node.target)] = str(user.target)
     return out
+
+
+def _affine_norm(m) -> bool:
+    """A LayerNorm over the last axis or a GroupNorm, with a per-unit affine."""
+    if isinstance(m, nn.LayerNorm):
+        return m.elementwise_affine and m.weight is not None and m.weight.dim() == 1 and m.bias is not None
+    return isinstance(m, nn.GroupNorm) and m.affine
 
 
 def _channel_stats(y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -80,7 +92,7 @@ class RepairedPath(Path):
         self.inputs = inputs.to(dev)
         self.spec = spec if spec is not None else infer(self.net, self.inputs[:2])
         layers = _producing_layers(self.net, self.spec)
-        bn = _followed_by_batchnorm(self.net, layers)
+        bn = _followed_by_norm(self.net, layers)
         self.sites = [bn.get(name, name) for name in layers]
         self.stats_a, order = self._run(start)
         self.stats_b, _ = self._run(inner(1.0))
@@ -97,6 +109,8 @@ class RepairedPath(Path):
         m = self.net.get_submodule(site)
         if isinstance(m, _BatchNorm):
             return m.affine, m.affine
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            return True, True
         return True, m.bias is not None
 
     def _run(self, params: Mapping[str, Tensor], targets: dict | None = None):
