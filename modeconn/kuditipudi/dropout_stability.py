@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from modeconn.kuditipudi.chain_loss import ChainLoss
 from modeconn.kuditipudi.edits import as_units
 from modeconn.kuditipudi.lemma1 import dropout_state
-from modeconn.units import UnitSpec
 
 __all__ = ["DropoutStability", "dropout_stability", "stability_of", "nested_losses", "kept_size"]
 

@@ -26,7 +26,8 @@ from modeconn.state import State
 from modeconn.train import TrainConfig, train
 from modeconn.units import infer, unit_slices
 
-__all__ = ["narrow_widths", "default_narrow_trainer", "narrow_network", "outside_support", "placement"]
+__all__ = ["narrow_widths", "default_narrow_trainer", "narrow_network", "theta_star", "outside_support", "placement",
+           "placed"]
 
 
 def narrow_widths(sizes: Sequence[int], p: float, width=None) -> list[int]:
@@ -256,3 +257,28 @@ def placement(kept_a: Sequence[Tensor], kept_b: Sequence[Tensor], widths: Sequen
         out.append(torch.tensor(sorted(order[:h_star]), dtype=torch.long))
     return out
 
+
+
+def theta_star(model: nn.Module, data, widths: list[int], seed: int, trainer, narrow_model: nn.Module | None,
+               checkpoint_path, progress: bool, problem: ChainLoss) -> tuple[State, dict]:
+    """theta* in the problem's (BatchNorm-folded) parametrisation, checked to be zero outside units
+    0..h*-1, and facts about it (:func:`narrow_network`'s, its loss and support)."""
+    raw, info = narrow_network(model, data, widths, seed, trainer, narrow_model, checkpoint_path, progress, problem)
+    star = problem.prepare(model, raw)
+    support = [torch.arange(h) for h in widths]
+    bad = outside_support(problem.chain, star, support)
+    if bad:
+        raise RuntimeError(f"the narrow network is not zero outside its {widths} units: {bad[:3]}")
+    info.update({"loss": problem.loss(star), "support": [s.tolist() for s in support]})
+    return star, info
+
+
+def placed(chain: Chain, star: State, place: Sequence[Tensor]) -> State:
+    """pi(theta*): theta*'s units 0..h*-1 moved onto the units ``place`` (an exact permutation of units)."""
+    perms = {}
+    for g, (P, n) in enumerate(zip(place, chain.sizes)):
+        perm = torch.empty(n, dtype=torch.long)
+        perm[P] = torch.arange(len(P))
+        perm[complement(P, n)] = torch.arange(len(P), n)
+        perms[chain.names[g]] = perm
+    return chain.spec.permute(star, perms)

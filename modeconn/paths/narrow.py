@@ -24,14 +24,12 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from modeconn.kuditipudi.chain import Chain
 from modeconn.kuditipudi.chain_loss import measure_segments, prepare_endpoints
-from modeconn.kuditipudi.edits import complement
 from modeconn.kuditipudi.lemma2 import end_at, lemma2
-from modeconn.kuditipudi.narrow import narrow_network, narrow_widths, outside_support, placement
+from modeconn.kuditipudi.narrow import narrow_widths, placed, placement, theta_star
 from modeconn.kuditipudi.resample import check_draw_options, copies_info, draw_dropout, settings_info
 from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.noise import DROPOUT, dropout_copies_certificate, lemma2_part
@@ -94,27 +92,16 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
                                            problem.x[:2])).sizes)
     widths = narrow_widths(chain.sizes, p, width)
 
-    raw, star_info = narrow_network(model, data, widths, seed, trainer, narrow_model, checkpoint_path, progress,
-                                     problem)
-    star = problem.prepare(model, raw)
-    support = [torch.arange(h) for h in widths]
-    bad = outside_support(chain, star, support)
-    if bad:
-        raise RuntimeError(f"the narrow network is not zero outside its {widths} units: {bad[:3]}")
-    loss_star = problem.loss(star)
+    star, star_info = theta_star(model, data, widths, seed, trainer, narrow_model, checkpoint_path, progress,
+                                 problem)
+    loss_star = star_info["loss"]
     loss_a, loss_b = problem.loss(a), problem.loss(b)
     da = draw_dropout(problem, a, loss_a, p, widths, seed, max_tries, tolerance, check_points, "narrow_path (theta_a)")
     db = draw_dropout(problem, b, loss_b, p, widths, int(seed) + 1, max_tries, tolerance, check_points,
                        "narrow_path (theta_b)")
 
     place = placement(da.kept, db.kept, widths, chain.sizes)
-    perms = {}
-    for g, (P, n) in enumerate(zip(place, chain.sizes)):
-        perm = torch.empty(n, dtype=torch.long)
-        perm[P] = torch.arange(len(P))
-        perm[complement(P, n)] = torch.arange(len(P), n)
-        perms[chain.names[g]] = perm
-    star_p = chain.spec.permute(star, perms)
+    star_p = placed(chain, star, place)
 
     mid1, lab1 = lemma2(chain, da.theta1, da.kept, star_p, place)
     mid1, lab1, end1 = end_at(chain, mid1, lab1, star_p, place)
@@ -131,7 +118,6 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
     permuted = [bool(set(P.tolist()) & set(k.tolist())) for P, k in zip(place, da.kept)]
     extra = (end1 == "extra segment") + (end2 == "extra segment")
     segment_max = [da.segment_max] + seg1 + seg2 + [db.segment_max]
-    star_info.update({"loss": loss_star, "support": [s.tolist() for s in support]})
     k = len(mid1)  # the segment that starts at pi(theta*)
     parts = [lemma2_part("the Lemma 2 segments theta_a,1 -> pi(theta*)", 1, k,
                           {"L(theta_a,1)": da.loss1, "L(theta*)": loss_star}, max(seg1)),
