@@ -259,6 +259,7 @@ def test_mnist_subset_cache_reused_and_seed_changes_split(mnist_cache, monkeypat
         D.load("mnist_subset", root=mnist_cache, split_seed=1)
 
 
+@pytest.mark.slow  # parses the MNIST CSV again: about 5 s
 def test_mnist_subset_unreadable_cache_is_rebuilt(mnist_cache, tmp_path):
     from modeconn import mnist_subset as M
 

@@ -124,6 +124,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, finished, capsys, monkeypatch):
     _, overrides, words, run_dir = case
     root = finished
@@ -144,6 +145,7 @@ def test_more_than_25_bad_inputs():
     assert len(CASES) >= 25
 
 
+@pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_a_corrupt_resume_or_curve_file_names_the_file_and_how_to_start_over(finished, capsys, monkeypatch):
     root = finished
     resume = root / "interrupted" / "endpoints" / "seed0.pt.resume.pt"
@@ -162,6 +164,7 @@ def test_a_corrupt_resume_or_curve_file_names_the_file_and_how_to_start_over(fin
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_a_read_only_output_directory(finished, capsys, monkeypatch, tmp_path):
     tmp_path.chmod(0o555)
     try:
@@ -171,6 +174,7 @@ def test_a_read_only_output_directory(finished, capsys, monkeypatch, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path) in err, err
 
 
+@pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_debug_keeps_the_traceback_and_a_bug_exits_1(finished, capsys, monkeypatch):
     args = [*TINY, "model.hidden=abc", f"hydra.run.dir={finished}/fresh"]
     code, _, err = invoke(args, capsys, monkeypatch, finished, env={"MODECONN_DEBUG": "1"})
@@ -202,6 +206,7 @@ def test_tilde_in_a_path_value_means_the_home_folder(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     """Interrupt during endpoint training: exit 130, one line; the same command resumes from the last epoch."""
     args = [sys.executable, "-m", "modeconn.cli", "model.hidden=[8]", "trainer.epochs=400", "eval.num_points=3",
