@@ -18,7 +18,8 @@ hidden linear layers, no BatchNorm) on digits upsampled to 3x32x32, endpoints tr
 schedule sized to it, learning rate, optionally the bend initialisation ``line`` or ``scaled``; default: the reference's one t per batch for 20 epochs, and 4 t per
 batch for 10). After every epoch the curve's epsilon barrier of the train loss (``--num-points`` points) is
 printed with the epoch's training seconds (wall and process CPU, measured in this process), and the
-summary says in how many epochs each run reaches the first run's final barrier.
+summary says in how many epochs each run reaches the first run's final barrier and what an epoch of each
+costs relative to the first run's (process CPU time of one-epoch fits run alternately, ``--timing-rounds``).
 
     python bench/fit_curve.py                      # digits MLP
     python bench/fit_curve.py --model convnet      # Kuditipudi et al.'s all-conv net on 1x8x8 digits
@@ -146,6 +147,20 @@ def compare(args, dev) -> dict:
                               checkpoint_path=ckpt, progress=False, callback=after_epoch)
             run["wall_s"] = curve.info["seconds"]
             results["runs"].append(run)
+    # ---- per-epoch cost: one-epoch fits of every t per step, alternately (load on the machine hits all alike)
+    ms = sorted({run["t_per_step"] for run in results["runs"]})
+    cost = {m: [] for m in ms}
+    for r in range(args.timing_rounds + 1):  # round 0 warms up
+        for m in ms:
+            started = time.process_time()
+            fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends, epochs=1, lr=0.01,
+                      wd=args.wd, batch_size=args.batch_size, t_per_step=m, seed=r, device=dev, progress=False)
+            if r:
+                cost[m].append(time.process_time() - started)
+    ratio = {m: statistics.median([c / p for c, p in zip(cost[m], cost[ms[0]])]) for m in ms}
+    results["epoch_cpu_s"], results["epoch_cost_ratio"] = cost, ratio
+    print("per-epoch CPU cost, alternating one-epoch fits (median ratio to t/step "
+          f"{ms[0]}): " + ", ".join(f"t/step {m}: {ratio[m]:.3f}x" for m in ms))
     ref = results["runs"][0]
     target = ref["barrier"][-1]
     print(f"\nreference (t/step {ref['t_per_step']}, {ref['epochs']} epochs): final barrier {target:.4f}")
@@ -154,7 +169,7 @@ def compare(args, dev) -> dict:
     for run in results["runs"]:
         hit = next((e + 1 for e, b in enumerate(run["barrier"]) if b <= target), None)
         run["epochs_to_reference"] = hit
-        run["cost_vs_reference"] = statistics.median(run["cpu_s"]) / statistics.median(ref["cpu_s"])
+        run["cost_vs_reference"] = ratio[run["t_per_step"]] / ratio[ref["t_per_step"]]
         print(f"{run['t_per_step']:6d} {run['epochs']:6d} {run['lr']:6g} {run['init']:>6s} {run['barrier'][-1]:8.4f} "
               f"{str(hit or '-'):>15s} {statistics.median(run['wall_s']):13.2f} {statistics.median(run['cpu_s']):6.2f} "
               f"{run['cost_vs_reference']:11.3f}x")
