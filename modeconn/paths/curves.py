@@ -313,10 +313,11 @@ class CurveStep:
     through the curve's point at its own stratified t_j = (j + u_j) / m (u_j ~ U(0, 1) from ``t_gen``), and
     the loss is the mean cross-entropy over the batch plus ``0.5 * wd * ||phi(t_j)||^2`` averaged over j.
 
-    A step costs one forward/backward of the batch whatever m is: the m points run in one call, vmapped over
-    points (:func:`torch.func.vmap` of :func:`torch.func.functional_call`; batches that do not split evenly
-    run part by part). m = 1 is the reference scheme (one t per batch). More t per step lower the variance
-    of the gradient in t, which is what slows early curve training.
+    A step does the arithmetic of one forward/backward of the batch whatever m is: the m points run in one
+    call, vmapped over points (:func:`torch.func.vmap` of :func:`torch.func.functional_call`; batches that do
+    not split evenly run part by part); on a CPU its time grows with m (about 1.3x / 1.4x / 1.7x for 4 / 8 /
+    16 points on a small conv net, docs/benchmarks.md). m = 1 is the reference scheme (one t per batch). More
+    t per step lower the variance of the gradient in t; it pays off with a larger learning rate.
     """
 
     def __init__(self, model: nn.Module, curve: FlatCurve, t_per_step: int, wd: float, t_gen: torch.Generator,
@@ -401,7 +402,7 @@ def fit_curve(
     tensor rescaled to the norm interpolated between the endpoints' (``init="scaled"``); endpoints stay fixed unless
     ``fixed_ends=False``. Each step splits its batch into ``t_per_step`` = m equal parts and runs part j
     through phi(t_j) at its own stratified t_j = (j + u_j) / m, u_j ~ U(0, 1) (:class:`CurveStep`: one
-    vmapped call, the cost of one t; m = 1 is the reference's t ~ U(0, 1) per batch); it minimises the
+    vmapped call, the arithmetic of one t; m = 1 is the reference's t ~ U(0, 1) per batch); it minimises the
     batch's mean cross-entropy plus ``0.5 * wd * ||phi(t_j)||^2`` averaged over the points.
     SGD (momentum ``momentum``) or ``optimizer="adam"``; learning rate ``lr`` under ``schedule``
     (``"garipov"``: flat to 50% of the epochs, linear decay to 1% by 90%; any :class:`modeconn.loop.Schedule`).
