@@ -143,7 +143,15 @@ def test_a_quick_preset_runs_end_to_end(name, tmp_path, one_thread):
     started = time.time()
     summary = run(cfg, tmp_path)
     seconds = time.time() - started
-    assert summary["finished"] and list(summary["paths"]) == list(cfg.path)
+    assert summary["finished"]
+    expected = []
+    for path_name in cfg.path:  # every path, then its aligned and REPAIR variants where the preset asks
+        expected.append(path_name)
+        if cfg.align.method != "none":
+            expected.append(f"{path_name} (aligned)")
+        if cfg.align.repair:
+            expected.append(f"{path_name} ({'aligned+' if cfg.align.method != 'none' else ''}REPAIR)")
+    assert list(summary["paths"]) == expected
     for file in ("report.md", "paths.png", "summary.json", "endpoints/seed0.pt", "endpoints/seed1.pt"):
         assert (tmp_path / file).exists(), file
     for end in summary["endpoints"]:
