@@ -23,7 +23,7 @@ from modeconn.config import ConfigError, to_container, validate
 from modeconn.data import Dataset, describe, example_input, load, resolve_device
 from modeconn.align.step import align_endpoints, path_variants
 from modeconn.evaluate import PathEval, evaluate_path
-from modeconn.models import build
+from modeconn.models import build, takes_images
 from modeconn.paths.base import float_state
 from modeconn.paths.registry import BUILDERS, PathContext, build_path
 from modeconn.plots import plot_paths
@@ -31,7 +31,6 @@ from modeconn.report_md import render_report
 from modeconn.train import TrainConfig, train
 
 log = logging.getLogger("modeconn")
-CONV_MODELS = ("convnet", "vgg", "preresnet")
 
 
 def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
@@ -41,7 +40,7 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
     root = None if root is None else os.path.expanduser(str(root))  # data.root=~/data
     if name == "digits":
         if options.get("image") is None:
-            options["image"] = cfg.model.name in CONV_MODELS
+            options["image"] = takes_images(cfg.model.name)
     elif options.get("image") is None:
         options.pop("image", None)
     if "input_shape" in options:

@@ -37,16 +37,27 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def build(name: str, input_shape: tuple[int, ...], num_classes: int, **kw) -> nn.Module:
     """Build model ``name`` (a key of ``MODELS``; case, '-' and '_' are ignored) for inputs of
     per-example shape ``input_shape``; ``kw`` go to the builder."""
+    return _builder(name)(tuple(int(s) for s in input_shape), int(num_classes), **kw)
+
+
+def takes_images(name: str) -> bool:
+    """Whether model ``name`` is convolutional, i.e. reads its inputs as images (every model but the MLP).
+    Data that can come either way (the 8x8 digits) is loaded as images for these."""
+    builder = _builder(name)
+    return getattr(builder, "func", builder) is not mlp
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
     norm = {_normalize(k): k for k in MODELS}
     key = norm.get(_normalize(name))
     if key is None:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
-    return MODELS[key](tuple(int(s) for s in input_shape), int(num_classes), **kw)
+    return MODELS[key]
 
 
 def _normalize(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
-__all__ = ["build", "MODELS", "mlp", "convnet", "vgg", "preresnet", "VGG", "PreResNet",
+__all__ = ["build", "takes_images", "MODELS", "mlp", "convnet", "vgg", "preresnet", "VGG", "PreResNet",
            "KUDITIPUDI_VGG11_CHANNEL_DROPOUT"]
