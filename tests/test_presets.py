@@ -174,7 +174,7 @@ def test_the_gpu_check_preset_runs_at_toy_size_on_the_cpu(tmp_path, one_thread):
 
 # ------------------------------------------------------------------------------------------- launchers
 
-SWEEP = ["experiment=kuditipudi2019_mnist_conv_quick", "~path.dropout", "~path.noise", "~path.narrow",
+SWEEP = ["experiment=kuditipudi2019_mnist_conv_quick", "~path.dropout", "~path.noise", "~path.narrow", "stability.dropout_keep=[]",
          "trainer.epochs=2", "eval.num_points=5", "progress=false", "seed=0,1"]
 
 
