@@ -32,7 +32,7 @@ QUANTITIES: tuple[tuple[str, str], ...] = (
 
 def plot_noise_stability(result, out_png: str | FilePath, layers: Sequence[int] | None = None,
                          bins: int = 30, title: str | None = None, dpi: int = 110) -> FilePath:
-    """Write a grid of histograms of ``result`` (a :class:`modeconn.stability.noise.NoiseStability`).
+    """Write a grid of histograms of ``result`` (a :class:`modeconn.kuditipudi.noise_result.NoiseStability`).
 
     ``layers``: 1-based layer numbers to show (default all). Undefined cells (contraction of the output
     layer, smoothness of layers 1 and d) are left empty with a note; infinite values (e.g. smoothness of a
