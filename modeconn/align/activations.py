@@ -66,8 +66,8 @@ def _observers(model: nn.Module, spec: UnitSpec) -> dict[str, list[tuple[str, ob
             m, w = modules.get(path), params.get(ax.name)
             reads = isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and ax.name == f"{path}.weight" \
                 and ax.axis == 1 and getattr(m, "groups", 1) == 1 and w is not None
-            if reads and (path, getattr(ax, "offset", 0)) not in seen:
-                seen.add((path, getattr(ax, "offset", 0)))
+            if reads and (path, ax.offset) not in seen:
+                seen.add((path, ax.offset))
                 obs.append((path, ax, True))
         if not obs:
             for ax in g.producers:
@@ -81,7 +81,7 @@ def _observers(model: nn.Module, spec: UnitSpec) -> dict[str, list[tuple[str, ob
 def _columns(x: Tensor, module: nn.Module, ax, size: int) -> Tensor:
     """The group's units in a layer's input (or output) ``x`` as an ``(observations, size)`` matrix."""
     dim = unit_dim(module) % x.dim()
-    part = x.narrow(dim, getattr(ax, "offset", 0), size * ax.block)
+    part = x.narrow(dim, ax.offset, size * ax.block)
     return unit_columns(part, dim, size)
 
 

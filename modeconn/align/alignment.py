@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from modeconn.units import UnitSpec, infer
+from modeconn.units import UnitSpec, infer, unit_slices
 
 
 @dataclass
@@ -85,30 +85,19 @@ def module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-def entries(ax, units: Tensor) -> Tensor:
-    """Indices along ``ax.axis`` of the entries of ``units`` (in that order): unit ``j`` owns ``ax.block``
-    consecutive entries, starting ``ax.offset`` entries in when the axis holds several groups (a
-    concatenation)."""
-    units = torch.as_tensor(units, dtype=torch.long)
-    block, offset = ax.block, getattr(ax, "offset", 0)
-    steps = torch.arange(block, dtype=torch.long, device=units.device)
-    return offset + (units[:, None] * block + steps[None, :]).reshape(-1)
-
-
 def axis_index(ax, units: Tensor, length: int) -> Tensor:
     """A full index of an axis of ``length`` entries that reorders this group's segment by ``units`` and
     leaves the rest of the axis in place."""
     idx = torch.arange(length, dtype=torch.long, device=units.device)
-    seg = entries(ax, units)
-    offset = getattr(ax, "offset", 0)
-    idx[offset:offset + len(seg)] = seg
+    seg = unit_slices(ax, units, len(units))
+    idx[ax.offset:ax.offset + len(seg)] = seg
     return idx
 
 
 def segment(t: Tensor, ax, size: int) -> Tensor:
     """The part of ``t`` along ``ax.axis`` that holds the group's ``size`` units, as a ``(size, -1)``
     matrix: one row per unit (its block and every other axis flattened into the row)."""
-    part = t.narrow(ax.axis, getattr(ax, "offset", 0), size * ax.block)
+    part = t.narrow(ax.axis, ax.offset, size * ax.block)
     return part.movedim(ax.axis, 0).reshape(size, -1)
 
 
