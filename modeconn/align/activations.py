@@ -97,7 +97,7 @@ def activation_matching(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b
     started = time.perf_counter()
     x, _ = materialize(data, max_items=max_items)
     spec = resolve_spec(model, spec, x[:2])
-    check_states(spec, theta_a, theta_b)
+    check_states(model, spec, theta_a, theta_b)
     net_a, net_b = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
     net_a.load_state_dict(dict(theta_a), strict=False)
     net_b.load_state_dict(dict(theta_b), strict=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from modeconn import checks
 from modeconn.units import UnitSpec, infer, unit_slices
 
 
@@ -60,16 +61,15 @@ def resolve_spec(model: nn.Module, spec: UnitSpec | None, example_input) -> Unit
     return infer(model, example_input)
 
 
-def check_states(spec: UnitSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
-    """Both states hold every tensor the spec permutes, with equal shapes (clear errors otherwise)."""
+def check_states(model: nn.Module, spec: UnitSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
+    """Both states hold every tensor the spec permutes, and fit together and the model
+    (:func:`modeconn.checks.check_states`: keys, shapes, dtypes, finite values); clear errors otherwise."""
     for key in sorted(spec.keys()):
         for which, state in (("theta_a", theta_a), ("theta_b", theta_b)):
             if key not in state:
                 raise KeyError(f"{which} lacks {key!r}, which the unit spec permutes: was it saved from "
                                "another architecture?")
-        if theta_a[key].shape != theta_b[key].shape:
-            raise ValueError(f"{key!r} has shape {tuple(theta_a[key].shape)} in theta_a but "
-                             f"{tuple(theta_b[key].shape)} in theta_b")
+    checks.check_states(theta_a, theta_b, model, what="states to align")
 
 
 def fraction_permuted(model: nn.Module, spec: UnitSpec) -> float:

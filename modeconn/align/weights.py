@@ -130,7 +130,7 @@ def weight_matching(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Ma
     """
     started = time.perf_counter()
     spec = resolve_spec(model, spec, example_input)
-    check_states(spec, theta_a, theta_b)
+    check_states(model, spec, theta_a, theta_b)
     params = {k for k, _ in model.named_parameters()}
     dev = torch.device(device) if device is not None else next(iter(theta_b.values())).device
     prob = _Problem(spec, params, theta_a, theta_b, dev, dtype)
