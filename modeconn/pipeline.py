@@ -23,8 +23,9 @@ from modeconn.config import ConfigError, to_container, validate
 from modeconn.data import Dataset, describe, example_input, load, resolve_device
 from modeconn.align.step import align_endpoints, path_variants
 from modeconn.evaluate import PathEval, evaluate_path
+from modeconn.loop import global_rng
 from modeconn.models import build, takes_images
-from modeconn.paths.base import float_state
+from modeconn.state import float_state
 from modeconn.paths.registry import BUILDERS, PathContext, build_path
 from modeconn.plots import plot_paths
 from modeconn.report_md import render_report
@@ -54,8 +55,8 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
 def build_model(cfg: DictConfig, data: Dataset, seed: int = 0) -> torch.nn.Module:
     options = to_container(cfg.model)
     name = options.pop("name")
-    torch.manual_seed(seed)
-    return build(name, tuple(data.input_shape), data.num_classes, **options)
+    with global_rng(seed):  # the initialisation is seeded; the caller's RNG is left as it was
+        return build(name, tuple(data.input_shape), data.num_classes, **options)
 
 
 def checked_model(cfg: DictConfig, data: Dataset, device: torch.device) -> torch.nn.Module:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from modeconn.checkpoint import load_checkpoint
 from modeconn.data import materialize
 from modeconn.evaluate import evaluate_path
+from modeconn.loop import global_rng
 from modeconn.models import build
 from modeconn.paths import linear
 from modeconn.stability import apply_dropout
@@ -166,7 +167,7 @@ def dropout_segment(model: nn.Module, theta: State, xy: tuple[Tensor, Tensor], p
 
 def train_trial_net(model_options: Mapping, trainer: TrainConfig, data, file: FilePath, seed: int,
                     width: int | None = None, progress: bool = False) -> tuple[nn.Module, State]:
-    """Build the configured model (``width`` overriding its hidden width) under ``torch.manual_seed(seed)``,
+    """Build the configured model (``width`` overriding its hidden width) with torch's RNG seeded by ``seed``,
     train it with ``trainer`` into the checkpoint ``file`` (resumable; a finished one is reused)."""
     options = dict(model_options)
     name = options.pop("name")
@@ -175,8 +176,8 @@ def train_trial_net(model_options: Mapping, trainer: TrainConfig, data, file: Fi
             options["hidden"] = [int(width)] * len(options["hidden"])
         else:
             options["width"] = int(width)
-    torch.manual_seed(seed)
-    net = build(name, tuple(data.input_shape), data.num_classes, **options)
+    with global_rng(seed):  # seeded initialisation; the caller's RNG is left as it was
+        net = build(name, tuple(data.input_shape), data.num_classes, **options)
     file.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": {"name": name, **options}, "data": getattr(data, "name", None), "figure2": True}
     train(net, data, trainer, seed=seed, checkpoint_path=file, meta=meta, progress=progress)
