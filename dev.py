@@ -5,6 +5,8 @@
     python3 dev.py test    # create .venv, install modeconn with test extras, run the test suite
     python3 dev.py test --fast   # the same without the end-to-end tests marked slow (under 2 minutes)
 
+The tests run in one pytest-xdist worker per core (pass ``-n 0`` for one process).
+
 Extra arguments are passed on: ``python3 dev.py demo path=[linear,bezier]``, ``python3 dev.py test -k units``.
 """
 from __future__ import annotations
@@ -46,10 +48,15 @@ def main(argv: list[str]) -> int:
 
 
 def pytest_args(rest: list[str]) -> list[str]:
-    """``--fast`` becomes ``-m "not slow"``; everything else goes to pytest as given."""
-    if "--fast" not in rest:
-        return rest
-    return ["-m", "not slow", *(a for a in rest if a != "--fast")]
+    """``--fast`` becomes ``-m "not slow"``; the tests run on every core (pytest-xdist, ``-n auto`` unless
+    ``-n`` is given: the long end-to-end tests are pinned to one thread, so one worker per core); everything
+    else goes to pytest as given."""
+    args = [a for a in rest if a != "--fast"]
+    if "--fast" in rest:
+        args = ["-m", "not slow", *args]
+    if not any(a == "-n" or a.startswith("-n") and a[2:].isdigit() or a.startswith("--numprocesses") for a in args):
+        args = ["-n", "auto", "--dist", "worksteal", *args]
+    return args
 
 
 if __name__ == "__main__":
