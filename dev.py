@@ -54,7 +54,7 @@ def pytest_args(rest: list[str]) -> list[str]:
     args = [a for a in rest if a != "--fast"]
     if "--fast" in rest:
         args = ["-m", "not slow", *args]
-    if not any(a == "-n" or a.startswith("-n") and a[2:].isdigit() or a.startswith("--numprocesses") for a in args):
+    if not any(a.startswith(("-n", "--numprocesses")) for a in args):  # -n 2, -n0, -nauto, --numprocesses=2
         args = ["-n", "auto", "--dist", "worksteal", *args]
     return args
 
