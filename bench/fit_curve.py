@@ -14,23 +14,27 @@ MLP: hidden (256, 256), dropout 0.5) run in well under two minutes on a CPU.
 
 ``--compare`` instead measures epochs to a barrier: a ConvFC-like net (3 conv layers with max-pooling, 2
 hidden linear layers, no BatchNorm) on digits upsampled to 3x32x32, endpoints trained ``--endpoint-epochs``
-(30), then one curve per ``--runs`` entry ``T:EPOCHS:LR`` (t per step, epoch budget with the Garipov
-schedule sized to it, learning rate, optionally the bend initialisation ``line`` or ``scaled``; default: the reference's one t per batch for 20 epochs, and 4 t per
-batch for 10). After every epoch the curve's epsilon barrier of the train loss (``--num-points`` points) is
-printed with the epoch's training seconds (wall and process CPU, measured in this process), and the
-summary says in how many epochs each run reaches the first run's final barrier and what an epoch of each
-costs relative to the first run's (process CPU time of one-epoch fits run alternately, ``--timing-rounds``).
+(30), then for every ``--runs`` entry ``T:EPOCHS:LR[:INIT[:SEQUENCE[:DENSITY]]]`` (t per step, epoch budget
+with the Garipov schedule sized to it, learning rate, bend initialisation ``line``/``scaled``, t sequence
+``random``/``golden``, t density ``uniform``/``bends``) one curve per curve seed 0..``--seeds``-1. After
+every epoch the curve's epsilon barrier of the train loss (``--num-points`` points) is recorded; it prints
+each run's mean barrier by epoch, and a summary: the final mean barrier and its range over the seeds, the
+epoch at which the mean first reaches the first run's final mean, and what an epoch of each scheme costs
+relative to the first run's (process CPU time of one-epoch fits run alternately, ``--timing-rounds``;
+0 skips it). ``--plot OUT.png``: mean barrier against epoch and against training seconds. The default runs
+are the reference (one random uniform t per batch, 20 epochs, lr 0.05) and the measured short-budget recipe.
 
     python bench/fit_curve.py                      # digits MLP
     python bench/fit_curve.py --model convnet      # Kuditipudi et al.'s all-conv net on 1x8x8 digits
     python bench/fit_curve.py --device cuda --data cifar10 --model vgg16 --endpoint-epochs 5 --curve-epochs 5
-    python bench/fit_curve.py --compare            # epochs to barrier, one t per batch vs several
+    python bench/fit_curve.py --compare --plot compare.png   # epochs to barrier, reference vs recipe
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -46,6 +50,7 @@ from torch import nn  # noqa: E402
 from modeconn import data as D  # noqa: E402
 from modeconn import models  # noqa: E402
 from modeconn.evaluate import evaluate_path  # noqa: E402
+from modeconn.heap import keep_freed_memory  # noqa: E402
 from modeconn.paths import linear  # noqa: E402
 from modeconn.paths.curves import fit_curve, load_curve  # noqa: E402
 from modeconn.train import TrainConfig, train  # noqa: E402
@@ -64,15 +69,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="endpoint and curve learning rate")
     p.add_argument("--wd", type=float, default=1e-4, help="endpoint and curve weight decay")
+    p.add_argument("--curve-lr", type=float, default=None, help="the curve's learning rate (default: --lr)")
     p.add_argument("--t-per-step", type=int, default=1)
+    p.add_argument("--t-sequence", default="random", choices=["random", "golden"])
+    p.add_argument("--t-density", default="uniform", choices=["uniform", "bends"])
+    p.add_argument("--init", default="line", choices=["line", "scaled"], help="curve bend initialisation")
     p.add_argument("--num-points", type=int, default=61)
     p.add_argument("--timing-rounds", type=int, default=10, help="alternating plain / curve epochs timed")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--compare", action="store_true", help="epochs to barrier, one t per batch vs several")
-    p.add_argument("--runs", nargs="+", default=["1:20:0.05", "4:10:0.05"],
-                   help="--compare: curves as T_PER_STEP:EPOCHS:LR[:INIT] (the first is the reference)")
+    p.add_argument("--runs", nargs="+", default=["1:20:0.05", "1:10:0.15:scaled:golden:bends"],
+                   help="--compare: curves as T_PER_STEP:EPOCHS:LR[:INIT[:SEQUENCE[:DENSITY]]] (the first is the "
+                        "reference; defaults line, random, uniform)")
+    p.add_argument("--seeds", type=int, default=3, help="--compare: curve seeds per run (0..N-1)")
+    p.add_argument("--plot", default=None, help="--compare: write barrier against epoch and seconds to this PNG")
     p.add_argument("--work", default=None, help="--compare: folder for the endpoint checkpoints (reused)")
     p.add_argument("--channels", type=int, nargs=3, default=[8, 16, 16], help="--compare: ConvFC conv widths")
     p.add_argument("--fc", type=int, default=128, help="--compare: ConvFC hidden linear width")
@@ -104,8 +116,23 @@ def digits_3x32(device) -> D.Dataset:
     return dataclasses.replace(ds, x_train=up(ds.x_train), x_test=up(ds.x_test), input_shape=(3, 32, 32)).to(device)
 
 
+def parse_run(spec: str) -> dict:
+    """``T:EPOCHS:LR[:INIT[:SEQUENCE[:DENSITY]]]`` -> fit_curve options (defaults: the reference scheme)."""
+    fields = spec.split(":")
+    if not 3 <= len(fields) <= 6:
+        raise SystemExit(f"--runs entries are T:EPOCHS:LR[:INIT[:SEQUENCE[:DENSITY]]]; got {spec!r}")
+    m, epochs, lr, init, sequence, density = fields + ["line", "random", "uniform"][len(fields) - 3:]
+    return {"t_per_step": int(m), "epochs": int(epochs), "lr": float(lr), "init": init, "t_sequence": sequence,
+            "t_density": density}
+
+
+def label(run: dict) -> str:
+    return (f"{run['t_per_step']} t, {run['t_sequence']}/{run['t_density']}, {run['init']}, lr {run['lr']:g}, "
+            f"{run['epochs']} ep")
+
+
 def compare(args, dev) -> dict:
-    """Epochs to barrier: one curve per ``args.runs`` entry, the barrier after every epoch."""
+    """Epochs to barrier: one curve per ``args.runs`` entry and curve seed, the barrier after every epoch."""
     ds = digits_3x32(dev)
     print(f"{D.describe(ds)}; ConvFC-like {args.channels} / {args.fc}; device {dev}; threads {torch.get_num_threads()}")
     cfg = TrainConfig(lr=args.lr, weight_decay=args.wd, epochs=args.endpoint_epochs, batch_size=args.batch_size,
@@ -125,59 +152,105 @@ def compare(args, dev) -> dict:
         return ev.barriers["train_loss"]["epsilon"]
 
     results = {"settings": vars(args), "line_barrier": barrier(linear(ends[0], ends[1])), "runs": []}
-    print(f"straight line: epsilon barrier {results['line_barrier']:.4f}")
+    print(f"straight line: epsilon barrier {results['line_barrier']:.4f}; curve seeds 0..{args.seeds - 1}")
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(args.runs):
-            m, epochs, lr, init = (spec.split(":") + ["line"])[:4]
-            m, epochs, lr = int(m), int(epochs), float(lr)
-            ckpt = Path(tmp) / f"run{i}.pt"
-            run = {"t_per_step": m, "epochs": epochs, "lr": lr, "init": init, "barrier": [], "cpu_s": []}
-            clock = [time.process_time()]
+            run = {**parse_run(spec), "barrier": [], "wall_s": [], "cpu_s": []}  # [seed][epoch]
+            for seed in range(args.seeds):
+                ckpt = Path(tmp) / f"run{i}_seed{seed}.pt"
+                barriers, cpu, clock = [], [], [time.process_time()]
 
-            def after_epoch(epoch, record, run=run, ckpt=ckpt, clock=clock):
-                run["cpu_s"].append(time.process_time() - clock[0])
-                run["barrier"].append(barrier(load_curve(ckpt)))
-                print(f"  t/step {m} lr {lr:g} {init} epoch {epoch:2d}/{epochs}: barrier {run['barrier'][-1]:.4f}  "
-                      f"{record['seconds']:.2f} s wall, {run['cpu_s'][-1]:.2f} s CPU, loss {record['train_loss']:.4f}",
-                      flush=True)
-                clock[0] = time.process_time()  # the barrier's evaluation is not training time
+                def after_epoch(epoch, record, ckpt=ckpt, barriers=barriers, cpu=cpu, clock=clock):
+                    cpu.append(time.process_time() - clock[0])
+                    barriers.append(barrier(load_curve(ckpt)))
+                    clock[0] = time.process_time()  # the barrier's evaluation is not training time
 
-            curve = fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends, epochs=epochs,
-                              lr=lr, wd=args.wd, batch_size=args.batch_size, t_per_step=m, init=init, device=dev,
-                              checkpoint_path=ckpt, progress=False, callback=after_epoch)
-            run["wall_s"] = curve.info["seconds"]
+                curve = fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends,
+                                  wd=args.wd, batch_size=args.batch_size, seed=seed, device=dev, checkpoint_path=ckpt,
+                                  progress=False, callback=after_epoch,
+                                  **{k: run[k] for k in ("t_per_step", "epochs", "lr", "init", "t_sequence",
+                                                         "t_density")})
+                run["barrier"].append(barriers)
+                run["wall_s"].append(curve.info["seconds"])
+                run["cpu_s"].append(cpu)
+            run["mean_barrier"] = [statistics.fmean(col) for col in zip(*run["barrier"])]
+            print(f"  {label(run)}: mean barrier by epoch " + " ".join(f"{b:.4f}" for b in run["mean_barrier"])
+                  + "; final per seed " + " ".join(f"{b[-1]:.4f}" for b in run["barrier"]), flush=True)
             results["runs"].append(run)
-    # ---- per-epoch cost: one-epoch fits of every t per step, alternately (load on the machine hits all alike)
-    ms = sorted({run["t_per_step"] for run in results["runs"]})
-    cost = {m: [] for m in ms}
-    for r in range(args.timing_rounds + 1):  # round 0 warms up
-        for m in ms:
+    # ---- per-epoch cost: one-epoch fits of every scheme, alternately (load on the machine hits all alike)
+    schemes = list(dict.fromkeys((r["t_per_step"], r["t_sequence"], r["t_density"]) for r in results["runs"]))
+    cost = {key: [] for key in schemes}
+    for r in range(args.timing_rounds + 1 if args.timing_rounds else 0):  # round 0 warms up
+        for key in schemes:
             started = time.process_time()
             fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends, epochs=1, lr=0.01,
-                      wd=args.wd, batch_size=args.batch_size, t_per_step=m, seed=r, device=dev, progress=False)
+                      wd=args.wd, batch_size=args.batch_size, t_per_step=key[0], t_sequence=key[1],
+                      t_density=key[2], seed=r, device=dev, progress=False)
             if r:
-                cost[m].append(time.process_time() - started)
-    ratio = {m: statistics.median([c / p for c, p in zip(cost[m], cost[ms[0]])]) for m in ms}
-    results["epoch_cpu_s"], results["epoch_cost_ratio"] = cost, ratio
-    print("per-epoch CPU cost, alternating one-epoch fits (median ratio to t/step "
-          f"{ms[0]}): " + ", ".join(f"t/step {m}: {ratio[m]:.3f}x" for m in ms))
+                cost[key].append(time.process_time() - started)
+    ratio = {key: statistics.median([c / p for c, p in zip(cost[key], cost[schemes[0]])]) if cost[key] else math.nan
+             for key in schemes}
+    results["epoch_cost"] = [{"t_per_step": k[0], "t_sequence": k[1], "t_density": k[2], "cpu_s": cost[k],
+                              "ratio": ratio[k]} for k in schemes]
+    if args.timing_rounds:
+        print(f"per-epoch CPU cost, alternating one-epoch fits ({args.timing_rounds} rounds; median ratio to "
+              f"{schemes[0][0]} t {schemes[0][1]}/{schemes[0][2]}): "
+              + ", ".join(f"{k[0]} t {k[1]}/{k[2]}: {ratio[k]:.3f}x" for k in schemes))
     ref = results["runs"][0]
-    target = ref["barrier"][-1]
-    print(f"\nreference (t/step {ref['t_per_step']}, {ref['epochs']} epochs): final barrier {target:.4f}")
-    print(f"{'t/step':>6s} {'epochs':>6s} {'lr':>6s} {'init':>6s} {'final':>8s} {'reaches ref at':>15s} {'s/epoch wall':>13s} "
-          f"{'CPU':>6s} {'cost vs ref':>12s}")
+    target = ref["mean_barrier"][-1]
+    print(f"\nreference ({label(ref)}): final mean barrier {target:.4f} over {args.seeds} curve seeds")
+    print(f"{'run':48s} {'final mean':>10s} {'range':>15s} {'reaches ref at':>14s} {'s/epoch wall':>12s} "
+          f"{'cost vs ref':>11s}")
     for run in results["runs"]:
-        hit = next((e + 1 for e, b in enumerate(run["barrier"]) if b <= target), None)
+        hit = next((e + 1 for e, b in enumerate(run["mean_barrier"]) if b <= target), None)
         run["epochs_to_reference"] = hit
-        run["cost_vs_reference"] = ratio[run["t_per_step"]] / ratio[ref["t_per_step"]]
-        print(f"{run['t_per_step']:6d} {run['epochs']:6d} {run['lr']:6g} {run['init']:>6s} {run['barrier'][-1]:8.4f} "
-              f"{str(hit or '-'):>15s} {statistics.median(run['wall_s']):13.2f} {statistics.median(run['cpu_s']):6.2f} "
-              f"{run['cost_vs_reference']:11.3f}x")
+        run["cost_vs_reference"] = (ratio[(run["t_per_step"], run["t_sequence"], run["t_density"])]
+                                    / ratio[schemes[0]])
+        finals = [b[-1] for b in run["barrier"]]
+        wall = statistics.median(s for seed in run["wall_s"] for s in seed)
+        print(f"{label(run):48s} {run['mean_barrier'][-1]:10.4f} {min(finals):7.4f}-{max(finals):.4f} "
+              f"{str(hit or '-'):>14s} {wall:12.2f} {run['cost_vs_reference']:10.3f}x")
+    if args.plot:
+        plot_compare(results, args.plot)
+        print(f"figure: {args.plot}")
     return results
+
+
+def plot_compare(results: dict, out: str) -> None:
+    """Mean barrier (over curve seeds, the seeds' range shaded) against epoch and against training seconds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from modeconn.plots import save_figure
+
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for run in results["runs"]:
+        b = np.array(run["barrier"])  # [seed, epoch]
+        epochs = np.arange(1, b.shape[1] + 1)
+        seconds = np.cumsum(np.mean(np.array(run["wall_s"]), axis=0))
+        for ax, x in ((by_epoch, epochs), (by_time, seconds)):
+            (line,) = ax.plot(x, b.mean(0), marker=".", label=label(run))
+            ax.fill_between(x, b.min(0), b.max(0), color=line.get_color(), alpha=0.15)
+    target = results["runs"][0]["mean_barrier"][-1]
+    for ax, xlabel in ((by_epoch, "epoch"), (by_time, "training seconds (wall, mean over seeds)")):
+        ax.axhline(target, color="grey", ls="--", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both")
+    by_epoch.set_ylabel("epsilon barrier of the train loss")
+    by_epoch.legend(fontsize=7)
+    s = results["settings"]
+    fig.suptitle(f"Bezier curve between two ConvFC nets (digits 3x32x32): mean of {s['seeds']} curve seeds, "
+                 f"range shaded; dashed: the reference's final barrier", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # as the modeconn command does (modeconn/heap.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:
@@ -225,8 +298,9 @@ def main(argv=None) -> dict:
         p = timed(lambda tick: train(model, ds, one, seed=r, progress=False, on_epoch_end=tick))
         c = timed(lambda tick: fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends,
                                          epochs=1, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
-                                         t_per_step=args.t_per_step, seed=r, device=dev, progress=False,
-                                         callback=tick))
+                                         t_per_step=args.t_per_step, t_sequence=args.t_sequence,
+                                         t_density=args.t_density, init=args.init, seed=r, device=dev,
+                                         progress=False, callback=tick))
         if r:
             plain_s.append(p[0])
             curve_s.append(c[0])
@@ -240,12 +314,15 @@ def main(argv=None) -> dict:
     model = build(args, ds)
     started = time.perf_counter()
     curve = fit_curve(model, ends[0], ends[1], ds, kind=args.kind, num_bends=args.num_bends,
-                      epochs=args.curve_epochs, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
-                      t_per_step=args.t_per_step, device=dev, progress=False)
+                      epochs=args.curve_epochs, lr=args.curve_lr or args.lr, wd=args.wd, batch_size=args.batch_size,
+                      t_per_step=args.t_per_step, t_sequence=args.t_sequence, t_density=args.t_density,
+                      init=args.init, device=dev, progress=False)
     curve_total = time.perf_counter() - started
 
     results = {"data": args.data, "model": args.model, "device": str(dev), "kind": args.kind,
                "num_bends": args.num_bends, "batch_size": args.batch_size, "t_per_step": args.t_per_step,
+               "curve_lr": args.curve_lr or args.lr,
+               "t_sequence": args.t_sequence, "t_density": args.t_density, "init": args.init,
                "plain_epoch_s": plain, "curve_epoch_s": per_curve, "ratio": ratio,
                "cpu_time_ratio": cpu_ratio, "plain_epoch_s_all": plain_s, "curve_epoch_s_all": curve_s,
                "curve_fit_s": curve_total, "curve_final_train_loss": curve.info["train_loss"][-1],

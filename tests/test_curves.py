@@ -10,6 +10,7 @@ from modeconn import models
 from modeconn.batchnorm import load_point, recompute_statistics
 from modeconn.evaluate import _profile_point, evaluate_path
 from modeconn.paths import linear
+from modeconn.paths.curve_times import GRID_TIMES, CurveTimes
 from modeconn.paths.curves import CurvePath, CurveStep, FlatCurve, coefficients, fit_curve, load_curve
 from modeconn.train import NonFiniteLossError, TrainConfig, train
 
@@ -167,10 +168,13 @@ def test_free_ends_adam_and_several_t_per_step(digits, mlp_ends):
         fit_curve(build(), *partial, digits, epochs=1, progress=False)
 
 
-@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "conv-batchnorm"])
-def test_several_t_per_step_split_the_batch_each_part_through_its_own_point(batchnorm):
+@pytest.mark.parametrize("batchnorm, sampling", [(False, ("random", "uniform")), (True, ("random", "uniform")),
+                                                 (False, ("golden", "bends"))],
+                         ids=["mlp", "conv-batchnorm", "mlp-golden-bends"])
+def test_several_t_per_step_split_the_batch_each_part_through_its_own_point(batchnorm, sampling):
     """t_per_step = 4: one vmapped call whose loss is each quarter of the batch through the curve's point at
-    its own stratified t (BatchNorm: each quarter's own batch statistics), with the gradient of that."""
+    its own stratified t (BatchNorm: each quarter's own batch statistics), times that t's importance weight,
+    plus the weighted weight decay, with the gradient of that."""
     torch.manual_seed(0)
     if batchnorm:
         x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
@@ -184,30 +188,37 @@ def test_several_t_per_step_split_the_batch_each_part_through_its_own_point(batc
     flat = FlatCurve(model, a, b, "bezier", 4, True, torch.device("cpu"))
     with torch.no_grad():
         flat.free.normal_(0, 0.3)
-    step = CurveStep(model, flat, 4, 0.0, torch.Generator().manual_seed(5))
+    mass = coefficients("bezier", 4, GRID_TIMES)[:, 1:3].sum(1)
+    wd = 0.0 if batchnorm else 0.01
+    step = CurveStep(model, flat, CurveTimes(4, *sampling, mass, torch.Generator().manual_seed(5)), wd)
     loss, sums = step.loss(x, y)
     (grad,) = torch.autograd.grad(loss, flat.free)
 
-    u = torch.rand(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).tolist()
+    t, w = CurveTimes(4, *sampling, mass, torch.Generator().manual_seed(5)).draw()
+    assert all(j / 4 <= tj < (j + 1) / 4 for j, tj in enumerate(t)) if sampling[1] == "uniform" else t == sorted(t)
+    assert (set(w) == {1.0}) == (sampling[1] == "uniform")
     curve = CurvePath(flat.bends(), "bezier")
     free = flat.free.detach().clone().requires_grad_(True)
     expected = 0.0
     for j, (xj, yj) in enumerate(zip(x.chunk(4), y.chunk(4))):
-        point = curve((j + u[j]) / 4)
-        assert torch.allclose(flat.points([(j + u[j]) / 4]), torch.cat([point[k].reshape(-1) for k in flat.names]),
-                              atol=1e-6)
+        point = curve(t[j])
+        assert torch.allclose(flat.points([t[j]]), torch.cat([point[k].reshape(-1) for k in flat.names]), atol=1e-6)
         replica = build().train()
         replica.load_state_dict({**model.state_dict(), **point})
-        expected += nn.functional.cross_entropy(replica(xj), yj) / 4
+        expected += w[j] * nn.functional.cross_entropy(replica(xj), yj) / 4
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert sums["ce"].item() == pytest.approx(expected.item() * 32, rel=1e-6)
-    # the gradient: the same loss computed one part at a time through flat.points
+    # the gradient: the same loss computed one part at a time through flat.points, weight decay included
     flat.free = free
-    ce = sum(nn.functional.cross_entropy(torch.func.functional_call(
-        model, (flat.params(flat.points([(j + u[j]) / 4])), step.buffers), (xj,)), yj) for j, (xj, yj) in
+    phis = [flat.points([tj]) for tj in t]
+    total = sum(w[j] * nn.functional.cross_entropy(torch.func.functional_call(
+        model, (flat.params(phis[j]), step.buffers), (xj,)), yj) for j, (xj, yj) in
         enumerate(zip(x.chunk(4), y.chunk(4)))) / 4
-    (expected_grad,) = torch.autograd.grad(ce, free)
+    total = total + sum(0.5 * wd / 4 * w[j] * phis[j].square().sum() for j in range(4))
+    (expected_grad,) = torch.autograd.grad(total, free)
     assert torch.allclose(grad, expected_grad, atol=1e-6)
+    assert sums["reg"].item() == pytest.approx(sum(0.5 * wd / 4 * w[j] * phis[j].square().sum().item()
+                                                   for j in range(4)), rel=1e-5, abs=1e-12)
 
 
 def test_scaled_initialisation_puts_bends_at_the_endpoints_norms():
@@ -235,14 +246,17 @@ def test_t_per_step_is_at_most_the_batch_size(digits, mlp_ends):
 
 # ---------------------------------------------------------------------------------- checkpointing
 
-def test_resume_continues_identically_and_a_finished_curve_is_loaded(tmp_path, digits):
+@pytest.mark.parametrize("sampling", [{"t_sequence": "random", "t_density": "uniform", "init": "line"}, {}],
+                         ids=["reference", "defaults"])
+def test_resume_continues_identically_and_a_finished_curve_is_loaded(tmp_path, digits, sampling):
     def build():
         return models.build("mlp", digits.input_shape, 10, hidden=(32,), dropout=0.2)  # dropout: RNG matters
     torch.manual_seed(0)
     a = _state(build())
     torch.manual_seed(1)
     b = _state(build())
-    kw = dict(kind="bezier", num_bends=4, epochs=4, lr=0.05, wd=5e-4, batch_size=128, device="cpu", progress=False)
+    kw = dict(kind="bezier", num_bends=4, epochs=4, lr=0.05, wd=5e-4, batch_size=128, device="cpu", progress=False,
+              **sampling)
     whole = fit_curve(build(), a, b, digits, checkpoint_path=tmp_path / "whole.pt", **kw)
 
     class Stop(Exception):

@@ -205,11 +205,10 @@ def test_tilde_in_a_path_value_means_the_home_folder(monkeypatch, tmp_path):
         load_data(cfg, torch.device("cpu"))
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     """Interrupt during endpoint training: exit 130, one line; the same command resumes from the last epoch."""
-    args = [sys.executable, "-m", "modeconn.cli", "model.hidden=[8]", "trainer.epochs=400", "eval.num_points=3",
+    args = [sys.executable, "-m", "modeconn.cli", "model.hidden=[8]", "trainer.epochs=4000", "eval.num_points=3",
             "progress=false", "path=[linear]", "threads=1", f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MODECONN_DEBUG", None)
