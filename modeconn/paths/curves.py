@@ -328,8 +328,8 @@ class CurveStep:
     call, vmapped over points (:func:`torch.func.vmap` of :func:`torch.func.functional_call`; batches that do
     not split evenly run part by part). On a CPU that call costs more than one over the whole batch (a
     vmapped convolution is a grouped one over small sub-batches, and the activations change layout between
-    layers): 1.2-1.5x for 2-8 points and 1.7x for 16 on a small conv net (docs/benchmarks.md), where
-    ``t_sequence="golden"`` with ``t_density="bends"`` brings the same gain at m = 1 for no extra cost.
+    layers): 1.44x for 4 points and 1.68x for 16 per epoch of a small conv net (docs/benchmarks.md), where
+    ``t_sequence="golden"`` with ``t_density="bends"`` at m = 1 reaches the same barrier for 1.02x.
     m = 1 with the random sequence and uniform density is the reference scheme (one t ~ U(0, 1) per batch).
     """
 
