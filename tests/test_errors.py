@@ -205,6 +205,13 @@ def test_tilde_in_a_path_value_means_the_home_folder(monkeypatch, tmp_path):
         load_data(cfg, torch.device("cpu"))
 
 
+def _as_from_a_terminal() -> None:
+    """In the child: SIGINT unblocked and at its default, as a shell gives it (a test worker's own signal
+    mask or disposition, inherited through fork and exec, would otherwise make the child ignore Ctrl-C)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     """Interrupt during endpoint training: exit 130, one line; the same command resumes from the last epoch."""
@@ -212,7 +219,9 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
             "progress=false", "path=[linear]", "threads=1", f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MODECONN_DEBUG", None)
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    popen = dict(cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 preexec_fn=_as_from_a_terminal)
+    proc = subprocess.Popen(args, **popen)
     resume = tmp_path / "run" / "endpoints" / "seed0.pt.resume.pt"
     deadline = time.time() + 120
     while not resume.exists() and proc.poll() is None and time.time() < deadline:
@@ -223,7 +232,7 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["modeconn: interrupted; rerun the same command to resume"]
     log = tmp_path / "run" / "cli.log"
-    again = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    again = subprocess.Popen(args, **popen)
     deadline = time.time() + 120
     while again.poll() is None and time.time() < deadline and "from epoch" not in log.read_text():
         time.sleep(0.1)
