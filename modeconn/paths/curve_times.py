@@ -11,8 +11,8 @@ the estimate stays unbiased for every choice below. Two independent choices:
 * ``density``: ``"uniform"`` (p = 1, F = identity) or ``"bends"``, p(t) proportional to the summed basis
   coefficients of the trained bends. A trained bend's gradient is c_k(t) times the loss gradient at phi(t),
   so uniform t wastes draws near fixed endpoints where the coefficients vanish; under ``"bends"`` the
-  weight cancels the coefficient for a quadratic Bezier curve (p = 6 t (1 - t); to the grid's resolution) and the draws
-  concentrate where the barrier is. With free ends every bend is trained, the coefficients sum to one and
+  weight cancels the coefficient for a quadratic Bezier curve (p = 6 t (1 - t); to the grid's
+  resolution) and the draws concentrate where the barrier is. With free ends every bend is trained, the coefficients sum to one and
   ``"bends"`` is uniform.
 
 The density is tabulated on a fine grid with a piecewise-linear CDF; the weights are that CDF's own
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -41,7 +40,7 @@ class CurveTimes:
                  generator: torch.Generator) -> None:
         """``sequence`` / ``density``: from :data:`T_SEQUENCES` / :data:`T_DENSITIES` (checked by the
         caller); ``mass``: the trained bends' summed basis coefficients at :data:`GRID_TIMES` (``"bends"``)."""
-        self.m, self.sequence, self.density, self.generator = int(m), sequence, density, generator
+        self.m, self.sequence, self.generator = int(m), sequence, generator
         self.uniform = density == "uniform"
         if not self.uniform:
             mass = mass.double().clamp_min(0.0)

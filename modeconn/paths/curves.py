@@ -359,16 +359,16 @@ class CurveStep:
         phi = self.curve.points(t)
         flat = phi.detach()
         if weighted and m > 1:
-            w_col = torch.tensor(w, dtype=flat.dtype).to(flat.device, non_blocking=True).unsqueeze(1)
+            w_vec = torch.tensor(w, dtype=flat.dtype).to(flat.device, non_blocking=True)
         # 0.5 * wd * sum_j w_j ||phi_j||^2 / m: its gradient wd * w_j * phi_j / m is added to phi's gradient
         # by a hook (one fused op) instead of differentiating the square; the value is reported.
         with torch.no_grad():
             if m == 1:
                 reg = (0.5 * decay * w[0]) * torch.dot(flat, flat)
             else:
-                reg = (0.5 * decay) * ((flat * flat).sum(1) * w_col.squeeze(1) if weighted else flat * flat).sum()
+                reg = (0.5 * decay) * ((flat * flat).sum(1) * w_vec if weighted else flat * flat).sum()
         if decay and weighted and m > 1:
-            phi.register_hook(lambda g: g.addcmul(flat, w_col, value=decay))
+            phi.register_hook(lambda g: g.addcmul(flat, w_vec.unsqueeze(1), value=decay))
         elif decay:  # one weight for all points (w = 1 unless m = 1)
             phi.register_hook(lambda g: g.add(flat, alpha=decay * w[0]))
         if m == 1:
@@ -379,7 +379,7 @@ class CurveStep:
             params = {k: v.reshape(m, *s) for k, v, s in zip(c.names, phi.split(c.sizes, dim=1), c.shapes)}
             out = self.vmapped(params, self.points_buffers, x.reshape(m, len(y) // m, *x.shape[1:])).flatten(0, 1)
             if weighted:
-                ce = (F.cross_entropy(out, y, reduction="none").view(m, -1).mean(1) * w_col.squeeze(1)).mean()
+                ce = (F.cross_entropy(out, y, reduction="none").view(m, -1).mean(1) * w_vec).mean()
             else:
                 ce = F.cross_entropy(out, y)
         else:  # a batch that does not split evenly (the last one): part by part
