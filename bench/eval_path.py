@@ -46,11 +46,11 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from modeconn import data as D  # noqa: E402
 from modeconn import models  # noqa: E402
-from modeconn.batchnorm import has_batchnorm, recompute_statistics  # noqa: E402
-from modeconn.evaluate import evaluate_path, grid  # noqa: E402
-from modeconn.heap import keep_freed_memory  # noqa: E402
+from modeconn.params.batchnorm import has_batchnorm, recompute_statistics  # noqa: E402
+from modeconn.evaluation.evaluate import evaluate_path, grid  # noqa: E402
+from modeconn.io.heap import keep_freed_memory  # noqa: E402
 from modeconn.paths import linear  # noqa: E402
-from modeconn.train import TrainConfig, train  # noqa: E402
+from modeconn.training.train import TrainConfig, train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, nargs="*", default=[], help="also time batched=True with these point chunks")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-heap", action="store_true",
-                   help="leave glibc's malloc thresholds alone (modeconn.heap.keep_freed_memory is called otherwise, as the CLI does)")
+                   help="leave glibc's malloc thresholds alone (modeconn.io.heap.keep_freed_memory is called otherwise, as the CLI does)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 

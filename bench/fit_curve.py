@@ -1,13 +1,13 @@
 """Benchmark: time per curve-training epoch relative to a plain training epoch, and the barrier reached.
 
-Trains two endpoints (seeds 0 and 1) with ``modeconn.train.train``, fits a curve between them with
+Trains two endpoints (seeds 0 and 1) with ``modeconn.training.train.train``, fits a curve between them with
 ``modeconn.paths.fit_curve`` (same model, same data, same batch size, same process), and prints
 
-* the median seconds per plain training epoch (``modeconn.train.train``) and per curve epoch, and the
+* the median seconds per plain training epoch (``modeconn.training.train.train``) and per curve epoch, and the
   median of their per-round ratios (Garipov et al.'s reference reports under 1.5x): plain and curve epochs
   are timed alternately, each from its call to the end of its first epoch, after one warm-up round;
 * the maximum train loss, the epsilon barrier of the train loss and the maximum test error along the
-  straight line and along the fitted curve (``modeconn.evaluate.evaluate_path``, 61 points).
+  straight line and along the fitted curve (``modeconn.evaluation.evaluate.evaluate_path``, 61 points).
 
 Defaults (digits, the project's default
 MLP: hidden (256, 256), dropout 0.5) run in well under two minutes on a CPU.
@@ -49,11 +49,12 @@ from torch import nn  # noqa: E402
 
 from modeconn import data as D  # noqa: E402
 from modeconn import models  # noqa: E402
-from modeconn.evaluate import evaluate_path  # noqa: E402
-from modeconn.heap import keep_freed_memory  # noqa: E402
+from modeconn.evaluation.evaluate import evaluate_path  # noqa: E402
+from modeconn.io.heap import keep_freed_memory  # noqa: E402
 from modeconn.paths import linear  # noqa: E402
-from modeconn.paths.curves import fit_curve, load_curve  # noqa: E402
-from modeconn.train import TrainConfig, train  # noqa: E402
+from modeconn.paths.curve_fit import fit_curve  # noqa: E402
+from modeconn.paths.curves import load_curve  # noqa: E402
+from modeconn.training.train import TrainConfig, train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -223,7 +224,7 @@ def plot_compare(results: dict, out: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from modeconn.plots import save_figure
+    from modeconn.reporting.plots import save_figure
 
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for run in results["runs"]:
@@ -250,7 +251,7 @@ def plot_compare(results: dict, out: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    keep_freed_memory()  # as the modeconn command does (modeconn/heap.py)
+    keep_freed_memory()  # as the modeconn command does (modeconn/io/heap.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:

@@ -68,7 +68,7 @@ step fit_curve 50 python3 bench/fit_curve.py --device cuda --json "$JSON/fit_cur
 if [ -f conf/experiment/gpu_check.yaml ]; then
     run_dir=/tmp/modeconn_gpu_check_run
     rm -rf "$run_dir"
-    step experiment 60 python3 -m modeconn.cli experiment=gpu_check device=cuda progress=false "hydra.run.dir=$run_dir"
+    step experiment 60 python3 -m modeconn.run.cli experiment=gpu_check device=cuda progress=false "hydra.run.dir=$run_dir"
     cp "$run_dir/report.md" "$OUT/experiment_report.md"
     cp "$run_dir/summary.json" "$JSON/experiment_summary.json"
 fi

@@ -21,7 +21,7 @@ from modeconn.data import load
 from modeconn.kuditipudi.chain import Chain
 from modeconn.kuditipudi.layer_graph import LayerGraph, traced_model
 from modeconn.stability import noise_stability
-from modeconn.train import TrainConfig, train
+from modeconn.training.train import TrainConfig, train
 from modeconn.units import infer
 
 

@@ -19,10 +19,10 @@ from torch import nn
 
 from torch.func import functional_call
 
-from modeconn.batchnorm import fold_batchnorm, has_batchnorm
-from modeconn.evaluate import PathEval, evaluate_path
+from modeconn.params.batchnorm import fold_batchnorm, has_batchnorm
+from modeconn.evaluation.evaluate import PathEval, evaluate_path
 from modeconn.models import build
-from modeconn.paths.base import float_state
+from modeconn.params.path import float_state
 from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
 
 N_ITEMS = 600   # training examples of sklearn's digits the nets see

@@ -6,10 +6,10 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.align import activation_matching, repair, weight_matching
-from modeconn.evaluate import evaluate_path
+from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.models import build
 from modeconn.paths import linear
-from modeconn.paths.base import float_state
+from modeconn.params.path import float_state
 from modeconn.units import infer
 from nets import trained_pair
 
@@ -206,8 +206,8 @@ def test_run_step_reports_each_path_naive_aligned_and_repaired(digits_mlps, flat
 def test_bad_align_options_are_refused_by_name(overrides, message):
     from hydra import compose, initialize_config_dir
 
-    from modeconn.cli import CONF_DIR
-    from modeconn.config import ConfigError, validate
+    from modeconn.run.cli import CONF_DIR
+    from modeconn.run.config import ConfigError, validate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -218,8 +218,8 @@ def test_bad_align_options_are_refused_by_name(overrides, message):
 def test_the_preset_aligns_a_3x512_mlp_with_repair():
     from hydra import compose, initialize_config_dir
 
-    from modeconn.cli import CONF_DIR
-    from modeconn.config import validate
+    from modeconn.run.cli import CONF_DIR
+    from modeconn.run.config import validate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=ainsworth2023_mlp_quick"])

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from modeconn.barriers import barriers
+from modeconn.evaluation.barriers import barriers
 
 TS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PROFILE = [1.0, 3.0, 2.0, 5.0, 2.0]

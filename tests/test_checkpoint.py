@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from modeconn.checkpoint import (
+from modeconn.io.checkpoint import (
     CheckpointMismatchError,
     UnreadableFileError,
     atomic_torch_save,

@@ -7,9 +7,9 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from modeconn.cli import CONF_DIR, selected_paths
-from modeconn.config import ConfigError
-from modeconn.pipeline import run
+from modeconn.run.cli import CONF_DIR, selected_paths
+from modeconn.run.config import ConfigError
+from modeconn.run.pipeline import run
 
 TINY = ["model.hidden=[16,16]", "trainer.epochs=2", "eval.num_points=5", "progress=false", "path=[linear]"]
 
@@ -21,7 +21,7 @@ def config(*overrides):
 
 def cli(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "modeconn.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "modeconn.run.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -92,7 +92,7 @@ def test_existing_checkpoints_as_endpoints_and_foreign_ones_refused(tmp_path):
     summary = run(config(ends), tmp_path / "b")
     assert summary["endpoints"][0]["file"].endswith("seed0.pt")
     assert not (tmp_path / "b" / "endpoints").exists()
-    from modeconn.checkpoint import CheckpointMismatchError
+    from modeconn.io.checkpoint import CheckpointMismatchError
     with pytest.raises(CheckpointMismatchError, match="different architecture"):
         run(config(ends, "model.hidden=[8,16]"), tmp_path / "c")
 
@@ -193,7 +193,7 @@ def test_a_run_records_what_its_numbers_depend_on_and_refuses_other_threads(tmp_
 def test_report_groups_runs_by_config_minus_seed_and_never_pools_configs(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from modeconn import report
+    from modeconn.reporting import report
 
     for i, (hidden, seed, value) in enumerate([([64, 64], 0, 1.0), ([64, 64], 1, 2.0), ([64, 64], 2, 3.0),
                                                ([256, 256], 0, 10.0), ([256, 256], 1, 20.0), ([256, 256], 2, 30.0)]):

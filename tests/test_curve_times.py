@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from modeconn.paths.curve_times import GOLDEN, GRID_TIMES, CurveTimes
-from modeconn.paths.curves import coefficients, fit_curve
+from modeconn.paths.curve_fit import fit_curve
+from modeconn.paths.curves import coefficients
 
 
 def _times(m, sequence, density, kind="bezier", bends=3, rows=None, seed=0):

@@ -7,12 +7,13 @@ from torch import nn
 
 from modeconn import data as D
 from modeconn import models
-from modeconn.batchnorm import load_point, recompute_statistics
-from modeconn.evaluate import _profile_point, evaluate_path
+from modeconn.params.batchnorm import load_point, recompute_statistics
+from modeconn.evaluation.evaluate import _profile_point, evaluate_path
 from modeconn.paths import linear
 from modeconn.paths.curve_times import GRID_TIMES, CurveTimes
-from modeconn.paths.curves import CurvePath, CurveStep, FlatCurve, coefficients, fit_curve, load_curve
-from modeconn.train import NonFiniteLossError, TrainConfig, train
+from modeconn.paths.curve_fit import CurveStep, FlatCurve, fit_curve
+from modeconn.paths.curves import CurvePath, coefficients, load_curve
+from modeconn.training.train import NonFiniteLossError, TrainConfig, train
 
 
 def _state(model):

@@ -244,7 +244,7 @@ def test_mnist_subset_shape_split_balance_and_normalisation(mnist_cache):
 
 
 def test_mnist_subset_cache_reused_and_seed_changes_split(mnist_cache, monkeypatch):
-    from modeconn import mnist_subset as M
+    from modeconn.data import mnist_subset as M
 
     first = D.load("mnist_subset", root=mnist_cache)
     assert M.cache_file(mnist_cache, 0, 1000).is_file()
@@ -261,7 +261,7 @@ def test_mnist_subset_cache_reused_and_seed_changes_split(mnist_cache, monkeypat
 
 @pytest.mark.slow  # parses the MNIST CSV again: about 5 s
 def test_mnist_subset_unreadable_cache_is_rebuilt(mnist_cache, tmp_path):
-    from modeconn import mnist_subset as M
+    from modeconn.data import mnist_subset as M
 
     bad = M.cache_file(tmp_path, 0, 1000)
     bad.parent.mkdir(parents=True)

@@ -15,14 +15,14 @@ from torch import nn
 from torch.func import functional_call
 
 from modeconn.models import build
-from modeconn.paths.base import float_state
+from modeconn.params.path import float_state
 from modeconn.paths.dropout import LABELS, dropout_path
 from modeconn.kuditipudi.chain import Chain, UnsupportedArchitectureError
 from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
 from modeconn.kuditipudi.lemma1 import dropout_state, lemma1
 from modeconn.kuditipudi.lemma2 import lemma2
 from modeconn.stability import dropout_stability
-from modeconn.state import states_equal
+from modeconn.params.state import states_equal
 from modeconn.units import infer
 from nets import ResidualMLP, bn_mlp, folded_endpoints, N_ITEMS, mlp, profile_segments, trained_pair
 

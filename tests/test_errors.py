@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from modeconn import cli
+from modeconn.run import cli
 
 TINY = ["model.hidden=[8]", "trainer.epochs=1", "eval.num_points=3", "progress=false", "path=[linear]"]
 
@@ -184,7 +184,7 @@ def test_debug_keeps_the_traceback_and_a_bug_exits_1(finished, capsys, monkeypat
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("modeconn.pipeline.run", broken)
+    monkeypatch.setattr("modeconn.run.pipeline.run", broken)
     code, _, err = invoke([*TINY, f"hydra.run.dir={finished}/fresh"], capsys, monkeypatch, finished)
     assert code == 1 and "Traceback" in err and "internal error" in err
 
@@ -196,7 +196,7 @@ def test_tilde_in_a_path_value_means_the_home_folder(monkeypatch, tmp_path):
         assert cli.quote_tilde(unchanged) == unchanged
     from hydra import compose, initialize_config_dir
 
-    from modeconn.pipeline import load_data
+    from modeconn.run.pipeline import load_data
 
     with initialize_config_dir(config_dir=cli.CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["data=mnist", cli.quote_tilde("data.root=~/nodata")])
@@ -215,7 +215,7 @@ def _as_from_a_terminal() -> None:
 @pytest.mark.slow  # the CLI end to end (the finished run, or a process)
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     """Interrupt during endpoint training: exit 130, one line; the same command resumes from the last epoch."""
-    args = [sys.executable, "-m", "modeconn.cli", "model.hidden=[8]", "trainer.epochs=4000", "eval.num_points=3",
+    args = [sys.executable, "-m", "modeconn.run.cli", "model.hidden=[8]", "trainer.epochs=4000", "eval.num_points=3",
             "progress=false", "path=[linear]", "threads=1", f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MODECONN_DEBUG", None)

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeconn import stacked
-from modeconn.batchnorm import load_point, recompute_statistics
-from modeconn.evaluate import PathEval, evaluate_path, grid
+from modeconn.evaluation import stacked
+from modeconn.params.batchnorm import load_point, recompute_statistics
+from modeconn.evaluation.evaluate import PathEval, evaluate_path, grid
 from modeconn.models import build
 from modeconn.paths import PiecewiseLinearPath, linear
-from modeconn.plots import plot_paths
-from modeconn.stacked import StackedModel, first_layer
+from modeconn.reporting.plots import plot_paths
+from modeconn.evaluation.stacked import StackedModel, first_layer
 
 
 def data(n=300, d=10, classes=3, seed=0):

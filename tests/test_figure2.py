@@ -14,15 +14,15 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from modeconn import data as D
-from modeconn.cli import CONF_DIR
-from modeconn.config import to_container, validate
-from modeconn.evaluate import PathEval
+from modeconn.run.cli import CONF_DIR
+from modeconn.run.config import to_container, validate
+from modeconn.evaluation.evaluate import PathEval
 from modeconn.models import build
-from modeconn.plots import plot_paths, spans_decades
-from modeconn.report import main as report_main
-from modeconn.stability.endpoints import measure_figure2
+from modeconn.reporting.plots import plot_paths, spans_decades
+from modeconn.reporting.report import main as report_main
+from modeconn.run.endpoint_stability import measure_figure2
 from modeconn.stability.figure2 import Figure2Options
-from modeconn.train import TrainConfig, evaluate_model
+from modeconn.training.train import TrainConfig, evaluate_model
 
 MODEL = {"name": "convnet", "width": 4, "depth": 2, "bias": False, "channel_dropout": 0.0}
 TRAINER = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, epochs=1, batch_size=64,
@@ -58,7 +58,7 @@ def figure2_run(tmp_path_factory):
     data = D.load("digits", image=True)
     torch.manual_seed(0)
     net = build("convnet", (1, 8, 8), 10, **{k: v for k, v in MODEL.items() if k != "name"})
-    from modeconn.train import train
+    from modeconn.training.train import train
 
     train(net, data, TRAINER, seed=0, progress=False)
     theta = {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -1,6 +1,7 @@
-"""Import layering: every module of the package imports first in a fresh interpreter, and no two
-subpackages import each other (directly, or around a cycle through other modules), whatever the import
-style (module-level, function-local or ``TYPE_CHECKING`` imports all count)."""
+"""The package's structure: every module imports first in a fresh interpreter; no import cycle between any
+two modules (module-level, function-local and ``TYPE_CHECKING`` imports all count); every import follows
+the stage layer rule of docs/architecture.md (a module imports its own folder or a lower stage, never a
+higher one or a sibling of the same rank); no module over 400 lines and no function over 120."""
 from __future__ import annotations
 
 import ast
@@ -48,13 +49,31 @@ def test_module_imports_first_in_a_fresh_interpreter(module, import_errors):
     assert module not in import_errors, import_errors.get(module)
 
 
-def _part(module: str) -> str:
-    """The top-level part of the package a module belongs to: ``modeconn.paths.noise`` -> ``paths``."""
-    return module.split(".")[1] if module.count(".") >= 1 else ""
+#: stage folder -> rank; a module may import its own folder and folders of a strictly lower rank
+#: (docs/architecture.md draws the same table)
+LAYERS = {
+    "io": 0,
+    "data": 1, "models": 1, "units": 1,
+    "params": 2,
+    "training": 3, "evaluation": 3, "align": 3,
+    "kuditipudi": 4,
+    "paths": 5,
+    "stability": 6,
+    "reporting": 7,
+    "landscape": 8,
+    "run": 9,
+}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 120
 
 
-def _imports(path: Path, module: str) -> set[str]:
-    """Every ``modeconn`` module a file imports, anywhere in it (relative imports resolved)."""
+def module_name(path: Path, root: Path = ROOT) -> str:
+    return ".".join(("modeconn", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def imports_of(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The modeconn modules a file imports, anywhere in it: ``from a.b import c`` is ``a.b.c`` when that is a
+    module, else ``a.b`` (an import runs the named module, not its parents' ``__init__`` re-exports)."""
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -63,35 +82,28 @@ def _imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            found |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return {m for m in found if m == "modeconn" or m.startswith("modeconn.")}
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {m for m in found if m in modules and m != module}
 
 
-def part_graph() -> dict[str, set[str]]:
-    """Top-level part -> the other parts it imports (subpackages and top-level modules alike)."""
-    parts = {p.stem if p.is_file() else p.name for p in ROOT.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
-    graph: dict[str, set[str]] = {p: set() for p in parts}
-    for path in ROOT.rglob("*.py"):
-        module = ".".join(("modeconn", *path.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
-        src = _part(module)
-        for target in _imports(path, module):
-            dst = _part(target)
-            if src in graph and dst in parts and dst != src:
-                graph[src].add(dst)
-    return graph
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Every module of the package -> the package's modules it imports."""
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    return {m: imports_of(p, m, set(files)) for m, p in files.items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one part (Tarjan)."""
+    """Strongly connected components with more than one node (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
         on.add(v)
-        for w in graph[v]:
+        for w in sorted(graph.get(v, ())):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -114,19 +126,76 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def _subpackage_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The cycles that pass through a subpackage (a cycle of top-level modules only is not this test's)."""
-    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
-    return [c for c in _cycles(graph) if packages & set(c)]
+def _folder(module: str) -> str:
+    """The stage folder of a module: ``modeconn.paths.noise`` -> ``paths``; a top-level module is its own."""
+    return module.split(".")[1] if "." in module else ""
 
 
-def test_no_import_cycle_between_subpackages():
-    graph = part_graph()
-    assert {"paths", "stability", "kuditipudi"} <= set(graph)
-    cycles = _subpackage_cycles(graph)
-    assert cycles == [], {p: sorted(graph[p]) for c in cycles for p in c}
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that point up or sideways in the stage layout, and top-level modules outside any stage."""
+    bad = []
+    for src, targets in graph.items():
+        a = _folder(src)
+        if src != "modeconn" and a not in LAYERS:
+            bad.append(f"{src} is in no stage folder")
+            continue
+        for dst in targets:
+            b = _folder(dst)
+            if dst == "modeconn" or a == b or src == "modeconn":
+                continue
+            if b not in LAYERS or LAYERS[b] >= LAYERS[a]:
+                bad.append(f"{src} ({a}, rank {LAYERS[a]}) imports {dst} ({b}, rank {LAYERS.get(b)})")
+    return sorted(bad)
 
 
-def test_the_cycle_check_finds_a_cycle():
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions (and methods) longer than ``limit`` lines, decorators and docstring included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if node.end_lineno - start + 1 > limit:
+                out.append(f"{path}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+    return out
+
+
+def test_no_import_cycle_between_any_two_modules():
+    graph = module_graph()
+    assert {"modeconn.paths.curves", "modeconn.units.infer", "modeconn.data.dataset"} <= set(graph)
+    cycles = _cycles(graph)
+    assert cycles == [], {m: sorted(graph[m] & set(c)) for c in cycles for m in c}
+
+
+def test_every_import_follows_the_layer_rule():
+    assert layer_violations(module_graph()) == []
+
+
+def test_stage_folders_are_the_layer_table():
+    folders = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert folders <= set(LAYERS), folders - set(LAYERS)
+    assert [p.name for p in ROOT.glob("*.py")] == ["__init__.py"]
+
+
+def test_small_modules_and_functions():
+    big = [f"{p.relative_to(ROOT.parent)} ({n} lines)" for p in sorted(ROOT.rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert big == []
+    assert [f for p in sorted(ROOT.rglob("*.py")) for f in long_functions(p)] == []
+
+
+def test_the_checks_find_what_they_look_for(tmp_path):
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+    assert layer_violations({"modeconn.data.x": {"modeconn.paths.y"}, "modeconn.paths.y": {"modeconn.data.x"},
+                             "modeconn.training.a": {"modeconn.evaluation.b"}, "modeconn.evaluation.b": set()}) == [
+        "modeconn.data.x (data, rank 1) imports modeconn.paths.y (paths, rank 5)",
+        "modeconn.training.a (training, rank 3) imports modeconn.evaluation.b (evaluation, rank 3)"]
+    pkg = tmp_path / "modeconn"
+    (pkg / "units").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "units" / "__init__.py").write_text("from modeconn.units.infer import infer\n")
+    (pkg / "units" / "infer.py").write_text("from modeconn.units import groups\ndef infer():\n    pass\n")
+    (pkg / "units" / "groups.py").write_text("def fail():\n    from modeconn.units.infer import infer\n")
+    assert _cycles(module_graph(pkg)) == [["modeconn.units.groups", "modeconn.units.infer"]]
+    (pkg / "units" / "long.py").write_text("def f():\n" + "    x = 1\n" * 130)
+    assert len(long_functions(pkg / "units" / "long.py")) == 1

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from modeconn.batchnorm import has_batchnorm
+from modeconn.params.batchnorm import has_batchnorm
 from modeconn.models import build
-from modeconn.paths.base import float_state
+from modeconn.params.path import float_state
 from modeconn.kuditipudi.chain import Chain, UnsupportedArchitectureError
 from modeconn.kuditipudi.edits import PERMUTE
 from modeconn.kuditipudi.narrow import narrow_widths
 from modeconn.paths import narrow_path, noise_path
 from modeconn.paths.noise import DROPOUT, LABELS
 from modeconn.stability import apply_dropout, dropout_masks
-from modeconn.train import TrainConfig
+from modeconn.training.train import TrainConfig
 from modeconn.units import infer, unit_slices
 from nets import ResidualMLP, bn_mlp, folded_endpoints, mlp, profile_segments, trained_pair
 

@@ -371,7 +371,7 @@ def test_batchnorm_is_folded_and_residual_models_are_refused():
 
 
 def test_json_round_trip_and_histogram_figure(tmp_path):
-    from modeconn.plots_stability import plot_noise_stability
+    from modeconn.reporting.plots_stability import plot_noise_stability
 
     net = _mlp([6, 8, 8, 3], seed=2)
     x = torch.randn(12, 6)

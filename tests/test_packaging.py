@@ -31,13 +31,13 @@ def test_the_wheel_ships_the_configs_and_every_preset_composes_outside_the_repo(
     outside.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
 
-    def modeconn(*args, entry=(sys.executable, "-m", "modeconn.cli")):
+    def modeconn(*args, entry=(sys.executable, "-m", "modeconn.run.cli")):
         done = subprocess.run([*entry, *args, "--cfg", "job"], cwd=outside, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    where = subprocess.run([sys.executable, "-c", "import modeconn.cli as c; print(c.__file__, c.CONF_DIR)"],
+    where = subprocess.run([sys.executable, "-c", "import modeconn.run.cli as c; print(c.__file__, c.CONF_DIR)"],
                            cwd=outside, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where == [str(target / "modeconn" / "cli.py"), str(target / "modeconn" / "conf")]
     assert "name: default" in modeconn(entry=(str(target / "bin" / "modeconn"),))

@@ -80,7 +80,7 @@ def test_the_registry_builds_every_path_the_same_way_and_infers_the_spec_once(tm
 
 
 def test_a_bound_is_the_certificates_whole_path_bound():
-    from modeconn.paths.certificate import Bound, Certificate
+    from modeconn.params.certificate import Bound, Certificate
 
     path = linear({"w": torch.zeros(2)}, {"w": torch.ones(2)})
     assert path.bound is None and path.certificate is None
@@ -93,8 +93,8 @@ def test_a_bound_is_the_certificates_whole_path_bound():
 
 
 def test_the_report_renders_a_certificate_from_its_data():
-    from modeconn.paths.certificate import Bound, Certificate
-    from modeconn.report_md import certificate_lines
+    from modeconn.params.certificate import Bound, Certificate
+    from modeconn.reporting.report_md import certificate_lines
 
     whole = Certificate("Theorem 1", 4, 100, (Bound("the whole path", "max(L_a, L_b) + eps", 0, 4, True, 0.3,
                                                     {"L_a": 0.1, "L_b": 0.2, "eps": 0.1}),))

@@ -1,6 +1,6 @@
 """The experiment presets (conf/experiment/*.yaml) and the sweep launchers.
 
-Every preset composes and passes ``modeconn.config.validate``; every ``_quick`` preset runs end to end on the
+Every preset composes and passes ``modeconn.run.config.validate``; every ``_quick`` preset runs end to end on the
 digits data; the joblib and submitit launchers run a two-job sweep that writes one run directory per job
 and, relaunched, skips the finished jobs. Every path a preset names has an importable constructor: an import
 regression fails here, it is never skipped.
@@ -19,10 +19,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from modeconn.cli import CONF_DIR
-from modeconn.config import validate
+from modeconn.run.cli import CONF_DIR
+from modeconn.run.config import validate
 from modeconn.paths.registry import BUILDERS
-from modeconn.pipeline import run
+from modeconn.run.pipeline import run
 
 PRESET_DIR = Path(CONF_DIR) / "experiment"
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -180,7 +180,7 @@ SWEEP = ["experiment=kuditipudi2019_mnist_conv_quick", "~path.dropout", "~path.n
 
 def cli(*args, cwd, **env_vars):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", **env_vars}
-    return subprocess.run([sys.executable, "-m", "modeconn.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "modeconn.run.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

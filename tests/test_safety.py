@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from modeconn import data as D
-from modeconn.checkpoint import UnreadableFileError, save_checkpoint
-from modeconn.checks import NonFiniteError, check_finite_endpoints, check_path_losses
-from modeconn.evaluate import evaluate_path
+from modeconn.io.checkpoint import UnreadableFileError, save_checkpoint
+from modeconn.params.checks import NonFiniteError, check_finite_endpoints, check_path_losses
+from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.models import build
 from modeconn.paths import dropout_path, fit_curve, linear, load_curve, narrow_path, noise_path
-from modeconn.paths.base import Path
-from modeconn.train import TrainConfig, resume_path, train
+from modeconn.params.path import Path
+from modeconn.training.train import TrainConfig, resume_path, train
 
 HIDDEN = [16, 16]
 NARROW = [int(0.75 * h / 1.5) for h in HIDDEN]  # narrow_path(p=0.75)'s default widths h*: floor(p h / 1.5)
@@ -117,7 +117,7 @@ def test_the_narrow_network_checkpoint_refuses_a_payload(tmp_path, plant, digits
 @pytest.mark.slow
 def test_a_payload_in_the_data_cache_is_never_run(tmp_path, plant):
     """mnist_subset keeps its split as a torch file; a payload there is refused (and the cache rebuilt)."""
-    from modeconn.mnist_subset import cache_file, load_mnist_subset
+    from modeconn.data.mnist_subset import cache_file, load_mnist_subset
 
     file = plant(cache_file(tmp_path, 0, 1000))
     data = load_mnist_subset(tmp_path, split_seed=0, num_test=1000)
@@ -132,7 +132,7 @@ TINY = ["data=digits", f"model.hidden=[{HIDDEN[0]},{HIDDEN[1]}]", "trainer.epoch
 
 def cli(run_dir, *overrides):
     env = {k: v for k, v in os.environ.items() if k != "MODECONN_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "modeconn.cli", *TINY, f"hydra.run.dir={run_dir}", *overrides],
+    return subprocess.run([sys.executable, "-m", "modeconn.run.cli", *TINY, f"hydra.run.dir={run_dir}", *overrides],
                           cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -9,10 +9,10 @@ from torch import nn
 
 from modeconn import data as mdata
 from modeconn import models
-from modeconn.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, safe_load
-from modeconn.loop import Loop
+from modeconn.io.checkpoint import CheckpointMismatchError, load_checkpoint, read_meta, safe_load
+from modeconn.training.loop import Loop
 from modeconn.paths import fit_curve, narrow_path
-from modeconn.train import (
+from modeconn.training.train import (
     NonFiniteLossError,
     TrainConfig,
     evaluate_model,
@@ -189,7 +189,7 @@ def test_resume_file_of_another_run_is_refused(tmp_path, synthetic):
     assert saved["identity"]["seed"] == 0 and saved["identity"]["trainer.lr"] == 0.05
     # a file of another kind at the resume path is refused with the way out
     torch.save({"format": 1, "epoch": 1}, resume_path(path))
-    with pytest.raises(ValueError, match=r"is not a modeconn.train/2 file .*delete .* to start that step over"):
+    with pytest.raises(ValueError, match=r"is not a modeconn.training.train/2 file .*delete .* to start that step over"):
         train(make_mlp(0), synthetic, cfg(), seed=0, checkpoint_path=path, progress=False)
 
 
@@ -210,7 +210,7 @@ def test_finished_run_is_reused_not_overwritten(tmp_path, synthetic, caplog):
         raise AssertionError("retrained a finished run")
 
     other = make_mlp(5)
-    with caplog.at_level("INFO", logger="modeconn.train"):
+    with caplog.at_level("INFO", logger="modeconn.training.train"):
         again = train(other, synthetic, cfg(epochs=2), seed=0, checkpoint_path=path, progress=False, on_epoch_end=fail)
     assert again == metrics
     assert "reusing finished run" in caplog.text
@@ -379,7 +379,7 @@ def test_every_training_resumes_bitwise_and_leaves_the_callers_rng_alone(tmp_pat
     with pytest.raises(Interrupt):
         prepare(synthetic, tmp_path / "cut.pt")()
     stop_at["epoch"] = None
-    with caplog.at_level("INFO", logger="modeconn.loop"):
+    with caplog.at_level("INFO", logger="modeconn.training.loop"):
         resumed = prepare(synthetic, tmp_path / "cut.pt")()
     assert "resumed from epoch 2 of 4" in caplog.text
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from modeconn import checks
+from modeconn.params import checks
 from modeconn.units import UnitSpec, infer, unit_slices
 
 
@@ -63,7 +63,7 @@ def resolve_spec(model: nn.Module, spec: UnitSpec | None, example_input) -> Unit
 
 def check_states(model: nn.Module, spec: UnitSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
     """Both states hold every tensor the spec permutes, and fit together and the model
-    (:func:`modeconn.checks.check_states`: keys, shapes, dtypes, finite values); clear errors otherwise."""
+    (:func:`modeconn.params.checks.check_states`: keys, shapes, dtypes, finite values); clear errors otherwise."""
     for key in sorted(spec.keys()):
         for which, state in (("theta_a", theta_a), ("theta_b", theta_b)):
             if key not in state:

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from modeconn.align.alignment import module_of, unit_dim
 from modeconn.data import materialize
-from modeconn.paths.base import Path, State, as_times
+from modeconn.params.path import Path, State, as_times
 from modeconn.units import UnitSpec, infer
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

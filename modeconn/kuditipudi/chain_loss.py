@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from modeconn.batchnorm import fold_batchnorm, has_batchnorm
+from modeconn.params.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.data import materialize
 from modeconn.kuditipudi.chain import Chain
 from modeconn.kuditipudi.edits import OUTPUT
-from modeconn.state import State, float_state, interpolate
+from modeconn.params.state import State, float_state, interpolate
 from modeconn.units import UnitSpec, infer
 
 __all__ = ["ChainLoss", "prepare_endpoints", "measure_segments"]

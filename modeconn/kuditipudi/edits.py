@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from modeconn.kuditipudi.chain import Chain
-from modeconn.state import State
+from modeconn.params.state import State
 from modeconn.units import UnitAxis, unit_slices
 
 OUTPUT = "output-layer interpolation"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node, symbolic_trace
 from torch.fx.node import map_arg
 
-from modeconn.batchnorm import fold_batchnorm, has_batchnorm
+from modeconn.params.batchnorm import fold_batchnorm, has_batchnorm
 from modeconn.kuditipudi.chain import Chain, NotAChainError
 from modeconn.units import infer
 

@@ -14,7 +14,7 @@ from modeconn.kuditipudi.chain import Chain
 from modeconn.kuditipudi.edits import (
     OUTPUT, REWIRE, check_kept, check_r, complement, free_slots, scale_cols, set_output, write_rows, zero_rows,
 )
-from modeconn.state import State
+from modeconn.params.state import State
 
 __all__ = ["dropout_state", "lemma1"]
 

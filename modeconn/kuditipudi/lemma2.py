@@ -12,7 +12,7 @@ from modeconn.kuditipudi.edits import (
     OUTPUT, REWIRE, check_kept, complement, kept_only, set_output, unit_index, write_rows, zero_rows,
 )
 from modeconn.kuditipudi.lemma4 import lemma4
-from modeconn.state import State, states_equal
+from modeconn.params.state import State, states_equal
 
 __all__ = ["choose_slots", "check_half_zero", "lemma2", "end_at"]
 

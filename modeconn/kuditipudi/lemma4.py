@@ -9,7 +9,7 @@ from torch import Tensor
 
 from modeconn.kuditipudi.chain import Chain
 from modeconn.kuditipudi.edits import PERMUTE, as_units, move_cols, write_rows, zero_rows
-from modeconn.state import State
+from modeconn.params.state import State
 
 __all__ = ["lemma4"]
 

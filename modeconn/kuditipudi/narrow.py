@@ -3,7 +3,7 @@
 theta* has hidden widths h*_i <= p h_i / 1.5 and is embedded in the wide model (every other unit exactly
 zero), so that Lemma 2 can connect it to both endpoints' dropout copies. It is either the wide model
 trained with every unit but 0..h*-1 held at zero by gradient masks, or a user's narrow model of the same
-architecture, trained and embedded as units 0..h*-1. Training goes through :func:`modeconn.train.train`
+architecture, trained and embedded as units 0..h*-1. Training goes through :func:`modeconn.training.train.train`
 (checkpointed; a finished checkpoint is reused).
 """
 from __future__ import annotations
@@ -16,14 +16,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from modeconn.checkpoint import read_meta
+from modeconn.io.checkpoint import read_meta
 from modeconn.data import resolve_device
 from modeconn.kuditipudi.chain import Chain
 from modeconn.kuditipudi.chain_loss import ChainLoss
 from modeconn.kuditipudi.edits import complement
-from modeconn.loop import global_rng
-from modeconn.state import State
-from modeconn.train import TrainConfig, train
+from modeconn.training.loop import global_rng
+from modeconn.params.state import State
+from modeconn.training.train import TrainConfig, train
 from modeconn.units import infer, unit_slices
 
 __all__ = ["narrow_widths", "default_narrow_trainer", "narrow_network", "theta_star", "outside_support", "placement",
@@ -221,7 +221,7 @@ def _train_embedded(model: nn.Module, data, widths: list[int], seed: int, cfg: T
 def narrow_network(model: nn.Module, data, widths: list[int], seed: int, trainer, narrow_model: nn.Module | None,
                    checkpoint_path, progress: bool, problem: ChainLoss) -> tuple[State, dict]:
     """theta* as a state dict of (the unfolded) ``model``, non-zero only on units 0..h*-1 of every hidden
-    layer, and facts about it. Trained with :func:`modeconn.train.train` (checkpointed, reused)."""
+    layer, and facts about it. Trained with :func:`modeconn.training.train.train` (checkpointed, reused)."""
     cfg = _trainer_config(trainer, problem.device)
     mode = "masked" if narrow_model is None else "narrow_model"
     expect = {"widths": list(widths), "mode": mode}

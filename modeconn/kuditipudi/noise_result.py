@@ -9,7 +9,7 @@ from pathlib import Path as FilePath
 
 import numpy as np
 
-from modeconn.checkpoint import atomic_write_json
+from modeconn.io.checkpoint import atomic_write_json
 from modeconn.kuditipudi.json_codec import decode, decode_array, decode_float, encode
 from modeconn.kuditipudi.norms import nanmedian, nanmin
 

@@ -9,7 +9,7 @@ Conventions (how the paper's fully connected, bias-free definitions are read on 
   produce the hidden unit groups of :func:`modeconn.units.infer` (in forward order), then the output layer
   (paper d = number of hidden groups + 1). Residual or branching models raise
   :class:`~modeconn.kuditipudi.chain.NotAChainError`.
-  Models with BatchNorm are first folded with :func:`modeconn.batchnorm.fold_batchnorm` (eval-mode
+  Models with BatchNorm are first folded with :func:`modeconn.params.batchnorm.fold_batchnorm` (eval-mode
   statistics; ``result.settings["folded_batchnorm"]``), so a layer's pre-activation x^i is the output of
   its conv/linear layer *after* the folded BN. Dropout layers are off (eval mode).
 * **Layer input.** The paper's phi(x^{i-1}) is read as the tensor that layer i actually receives: the

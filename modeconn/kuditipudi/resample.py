@@ -19,7 +19,7 @@ from torch import Tensor
 from modeconn.kuditipudi.algorithm1 import random_dropout
 from modeconn.kuditipudi.chain_loss import ChainLoss
 from modeconn.kuditipudi.edits import complement
-from modeconn.state import State, interpolate
+from modeconn.params.state import State, interpolate
 
 __all__ = ["DropoutCopy", "draw_dropout", "check_draw_options", "settings_info", "copies_info"]
 

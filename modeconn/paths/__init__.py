@@ -1,6 +1,7 @@
 """Paths between two solutions: every constructor returns a :class:`Path`."""
-from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State, linear
-from modeconn.paths.curves import CurvePath, coefficients, fit_curve, load_curve
+from modeconn.params.path import LinearPath, Path, PiecewiseLinearPath, State, linear
+from modeconn.paths.curve_fit import fit_curve
+from modeconn.paths.curves import CurvePath, coefficients, load_curve
 from modeconn.paths.dropout import dropout_path
 from modeconn.paths.narrow import narrow_path
 from modeconn.paths.noise import noise_path

@@ -33,9 +33,9 @@ from modeconn.kuditipudi.dropout_stability import stability_of
 from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
 from modeconn.kuditipudi.lemma1 import lemma1
 from modeconn.kuditipudi.lemma2 import lemma2
-from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
-from modeconn.paths.certificate import Bound, Certificate
-from modeconn.state import states_equal
+from modeconn.params.path import PiecewiseLinearPath, check_endpoints
+from modeconn.params.certificate import Bound, Certificate
+from modeconn.params.state import states_equal
 from modeconn.units import UnitSpec
 
 __all__ = ["dropout_path", "LABELS"]
@@ -75,7 +75,7 @@ def dropout_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappi
 
     Returns a :class:`PiecewiseLinearPath` with ``path(0)`` / ``path(1)`` exactly the (folded) endpoints,
     one label per segment (``"output-layer interpolation"``, ``"free-unit rewiring"``, ``"permutation"``),
-    a :class:`~modeconn.paths.certificate.Certificate` whose one exact bound covers the whole path,
+    a :class:`~modeconn.params.certificate.Certificate` whose one exact bound covers the whole path,
     ``bound = max(L(theta_a), L(theta_b)) + max(epsilon_a, epsilon_b)``, and the stability results in
     ``info``. See the module docstring for the segment count (8D + 2, or 8D - 1 with disjoint kept sets).
     """

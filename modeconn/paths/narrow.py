@@ -5,7 +5,7 @@
     theta_A --1--> theta_A,1 --Lemma 2 (+ Lemma 4)--> pi(theta*) --Lemma 2 (no permutation)--> theta_B,1 --1--> theta_B
 
 theta* (:mod:`modeconn.kuditipudi.narrow`) is a narrow network of hidden widths h*_i <= p h_i / 1.5,
-trained by :func:`modeconn.train.train` and embedded in the wide architecture (every other unit zero); pi
+trained by :func:`modeconn.training.train.train` and embedded in the wide architecture (every other unit zero); pi
 places its units on units dropped in theta_B,1 (preferring units dropped in theta_A,1 as well). The
 dropout copies are resampled as in :func:`modeconn.paths.noise.noise_path`, here until at least h*_i
 units of every layer are dropped.
@@ -31,7 +31,7 @@ from modeconn.kuditipudi.chain_loss import measure_segments, prepare_endpoints
 from modeconn.kuditipudi.lemma2 import end_at, lemma2
 from modeconn.kuditipudi.narrow import narrow_widths, placed, placement, theta_star
 from modeconn.kuditipudi.resample import check_draw_options, copies_info, draw_dropout, settings_info
-from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
+from modeconn.params.path import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.noise import DROPOUT, dropout_copies_certificate, lemma2_part
 from modeconn.units import UnitSpec, infer
 
@@ -66,11 +66,11 @@ def narrow_path(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
     * ``narrow_model=None`` (default): a fresh initialisation of ``model`` (``reset_parameters`` under
       ``torch.manual_seed(seed)``) restricted to units 0..h*-1 of every hidden layer (every other unit's rows
       and columns zero; the kept incoming weights scaled by sqrt(h/h*), a width-h* layer's fan-in), trained
-      by :func:`modeconn.train.train` with the other units' gradients masked, so they stay exactly zero;
+      by :func:`modeconn.training.train.train` with the other units' gradients masked, so they stay exactly zero;
     * ``narrow_model``: the same architecture built with hidden widths h* (untrained; its initialisation is
-      used), trained by :func:`~modeconn.train.train`, then embedded as units 0..h*-1.
+      used), trained by :func:`~modeconn.training.train.train`, then embedded as units 0..h*-1.
 
-    ``trainer``: a :class:`~modeconn.train.TrainConfig` or a mapping of its fields (default
+    ``trainer``: a :class:`~modeconn.training.train.TrainConfig` or a mapping of its fields (default
     :func:`default_narrow_trainer`; device defaults to the path's). ``checkpoint_path``: where theta* is
     checkpointed (the trainer's atomic checkpoint + JSON sidecar, resumable); a finished one is reused
     without retraining (a checkpoint made for other widths raises ``ValueError``). The dropout copies

@@ -46,8 +46,8 @@ from modeconn.kuditipudi.chain_loss import measure_segments, prepare_endpoints
 from modeconn.kuditipudi.edits import OUTPUT, PERMUTE, REWIRE
 from modeconn.kuditipudi.lemma2 import end_at, lemma2
 from modeconn.kuditipudi.resample import check_draw_options, copies_info, draw_dropout, settings_info
-from modeconn.paths.base import PiecewiseLinearPath, check_endpoints
-from modeconn.paths.certificate import Bound, Certificate
+from modeconn.params.path import PiecewiseLinearPath, check_endpoints
+from modeconn.params.certificate import Bound, Certificate
 from modeconn.units import UnitSpec
 
 __all__ = ["noise_path", "check_noise_options", "dropout_copies_certificate", "lemma2_part", "DROPOUT", "LABELS"]

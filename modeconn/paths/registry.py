@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modeconn.data import example_input
-from modeconn.paths.base import Path, State
+from modeconn.params.path import Path, State
 from modeconn.units import UnitSpec, infer
 
 
@@ -88,12 +88,12 @@ class Builder:
 
 
 BUILDERS: dict[str, Builder] = {
-    "linear": Builder("modeconn.paths.base", "linear_path"),
+    "linear": Builder("modeconn.params.path", "linear_path"),
     "dropout": Builder("modeconn.paths.dropout", "dropout_path", check="check_dropout_options"),
     "noise": Builder("modeconn.paths.noise", "noise_path", check="check_noise_options"),
     "narrow": Builder("modeconn.paths.narrow", "narrow_path", check="check_narrow_options"),
-    "bezier": Builder("modeconn.paths.curves", "fit_curve", check="check_curve_options"),
-    "polychain": Builder("modeconn.paths.curves", "fit_curve", check="check_curve_options"),
+    "bezier": Builder("modeconn.paths.curve_fit", "fit_curve", check="check_curve_options"),
+    "polychain": Builder("modeconn.paths.curve_fit", "fit_curve", check="check_curve_options"),
 }
 
 

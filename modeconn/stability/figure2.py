@@ -9,7 +9,7 @@ Three measurements per trained net ("trial"), each on the same training images (
 * **centre** (:func:`dropout_segment`): the straight segment from theta to one such subnetwork at
   p = ``segment_p``, drawn again until the subnetwork's accuracy exceeds ``segment_accuracy`` (the paper's
   code does so, keeping the draw; the most accurate of ``segment_tries`` draws otherwise), evaluated at
-  ``segment_points`` points by :func:`modeconn.evaluate.evaluate_path`.
+  ``segment_points`` points by :func:`modeconn.evaluation.evaluate.evaluate_path`.
 * **right**: narrow nets (``widths`` units in every hidden layer) trained like the wide ones; their loss
   and accuracy.
 
@@ -30,15 +30,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from modeconn.checkpoint import load_checkpoint
+from modeconn.io.checkpoint import load_checkpoint
 from modeconn.data import materialize
-from modeconn.evaluate import evaluate_path
-from modeconn.loop import global_rng
+from modeconn.evaluation.evaluate import evaluate_path
+from modeconn.training.loop import global_rng
 from modeconn.models import build
 from modeconn.paths import linear
 from modeconn.stability import apply_dropout
-from modeconn.state import State
-from modeconn.train import TrainConfig, evaluate_model, train
+from modeconn.params.state import State
+from modeconn.training.train import TrainConfig, evaluate_model, train
 from modeconn.units import infer
 
 __all__ = ["Figure2Options", "figure2", "pool_figure2", "best_subnetworks", "dropout_segment", "train_trial_net", "mean_std"]

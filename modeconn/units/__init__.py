@@ -8,7 +8,8 @@ consumers, layers, blocks, tie, mixing)`` and :class:`UnitSpec` ``(groups, outpu
 handler per kind of node (:mod:`~modeconn.units.ops`, :mod:`~modeconn.units.layers`,
 :mod:`~modeconn.units.attention`).
 """
-from modeconn.units.infer import SUPPORTED, infer
+from modeconn.units.infer import infer
+from modeconn.units.supported import SUPPORTED
 from modeconn.units.spec import (UnitAxis, UnitGroup, UnitSpec, UnsupportedLayerError, join_perm, split_perm,
                                  unit_slices)
 

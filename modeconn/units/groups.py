@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modeconn.units.spec import UnitAxis, UnsupportedLayerError
+from modeconn.units.supported import SUPPORTED
 
 Part = tuple[int, int]  # (group id, entries per unit along the axis)
 
@@ -56,7 +57,6 @@ class _Group:
 
 
 def fail(where: str, why: str = "") -> UnsupportedLayerError:
-    from modeconn.units.infer import SUPPORTED  # the list of supported layers lives with the tracer
     msg = f"unit inference does not support {where}" + (f": {why}" if why else "")
     return UnsupportedLayerError(f"{msg}. Supported layers: {SUPPORTED}.")
 

@@ -15,18 +15,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from modeconn.units import attention, layers, ops
 from modeconn.units.groups import Groups, Param, Units, fail
 from modeconn.units.spec import UnitGroup, UnitSpec, UnsupportedLayerError
+from modeconn.units.supported import SUPPORTED
 
 __all__ = ["infer", "SUPPORTED"]
-
-SUPPORTED = (
-    "nn.Linear (on the last axis of N-D inputs), nn.Conv1d/2d/3d (any groups, depthwise), nn.BatchNorm1d/2d/3d, "
-    "nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoder(Layer), "
-    "F.scaled_dot_product_attention or q @ k^T -> softmax -> @ v, F.linear with the model's weights, elementwise activations (ReLU, GELU, "
-    "SiLU, Hardswish, ... and their functional forms), Identity, Dropout, Softmax, pooling, nn.Flatten, "
-    "view / reshape / flatten / transpose / permute / expand / indexing, torch.cat / split / chunk, mean/sum "
-    "over any axes, +, -, *, / between tensors (residual additions merge unit groups) and learned tables "
-    "(positional embeddings, class tokens) added or concatenated to units"
-)
 
 #: module type -> handler(ctx, node, module, path); looked up along the type's MRO
 MODULES: dict[type, Callable] = {

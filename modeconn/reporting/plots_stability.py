@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from modeconn.plots import save_figure, spans_decades  # noqa: E402
+from modeconn.reporting.plots import save_figure, spans_decades  # noqa: E402
 
 __all__ = ["plot_noise_stability", "plot_dropout_stability", "plot_figure2", "QUANTITIES"]
 

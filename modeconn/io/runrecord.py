@@ -7,7 +7,7 @@ true and an interrupted run from mixing settings.
   config says ``allow_provenance_change: true``.
 * :func:`check_existing`: before a run starts, a finished run (``summary.json``) is returned as it is
   only when its config, its endpoint files (sha256) and its provenance are unchanged; anything else is
-  refused with :class:`~modeconn.config.ConfigError`, and nothing in the directory is touched.
+  refused with :class:`~modeconn.io.options.ConfigError`, and nothing in the directory is touched.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modeconn.config import ConfigError, to_container
+from modeconn.io.options import ConfigError, to_container
 
 PROVENANCE_FILE = "provenance.json"
 # Top-level keys not compared as config: progress and the override flag change no number; device and

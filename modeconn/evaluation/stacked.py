@@ -6,7 +6,7 @@ shortcuts to that:
 
 * **BatchNorm, per point.** Each point gets its own running statistics, computed for the whole chunk at
   once by a vmapped train-mode pass over the same batches as
-  :func:`modeconn.batchnorm.recompute_statistics` (a cumulative average: ``momentum = 1/k`` at the k-th
+  :func:`modeconn.params.batchnorm.recompute_statistics` (a cumulative average: ``momentum = 1/k`` at the k-th
   batch, which is what ``momentum=None`` does); the chunk is then evaluated in eval mode with them, each
   BatchNorm written as the scale and shift per channel it is (:class:`_ScaleShiftNorm`).
 * **The first layer of a piecewise-linear path.** A Linear or Conv layer that reads the input directly is
@@ -27,8 +27,8 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from modeconn.batchnorm import STATISTICS_BATCH
-from modeconn.paths.base import LinearPath, Path, PiecewiseLinearPath, State, segment_index
+from modeconn.params.batchnorm import STATISTICS_BATCH
+from modeconn.params.path import LinearPath, Path, PiecewiseLinearPath, State, segment_index
 
 RUNNING_STATISTICS = ("running_mean", "running_var")
 LINEAR_IN_WEIGHTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # exactly these: a subclass may change forward
@@ -301,7 +301,7 @@ class StackedModel:
     @torch.no_grad()
     def statistics(self, inputs: Tensor, batch_size: int = STATISTICS_BATCH) -> None:
         """Every point's BatchNorm statistics on ``inputs``: batches of ``batch_size``, in train mode, a
-        cumulative average, exactly as :func:`modeconn.batchnorm.recompute_statistics` computes them."""
+        cumulative average, exactly as :func:`modeconn.params.batchnorm.recompute_statistics` computes them."""
         if not self.norms:
             return
         momenta = [m.momentum for m in self.norms]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -12,18 +11,22 @@ from torch import Tensor
 
 DeviceLike = Union[str, torch.device]
 
-# (torchvision class name, per-channel mean, per-channel std, augment)
-_TORCHVISION = {
-    "mnist": ("MNIST", (0.1307,), (0.3081,), False),
-    "fashion_mnist": ("FashionMNIST", (0.2860,), (0.3530,), False),
-    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-}
-NAMES = ("digits", "synthetic", "mnist_subset", *_TORCHVISION)
-
-
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are absent (and were not, or could not be, downloaded)."""
+
+
+def check_labels(labels: Tensor, num_classes: int, what: str = "labels") -> None:
+    """Labels are integer class indices in ``[0, num_classes)``; else ``ValueError`` naming the bad range."""
+    if not torch.is_tensor(labels):
+        raise TypeError(f"{what} must be a tensor of class indices; got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{what} must be integer class indices (int64); got dtype {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{what} must lie in [0, {num_classes}); got labels in [{lo}, {hi}]")
+
 
 
 @dataclass
@@ -42,8 +45,6 @@ class Dataset:
 
     def __post_init__(self) -> None:
         """Refuse splits that disagree with ``num_classes`` or ``input_shape`` (at construction, not mid-run)."""
-        from modeconn.checks import check_labels
-
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"dataset {self.name!r}: num_classes must be a positive integer; got {self.num_classes!r}")
         self.input_shape = tuple(int(s) for s in self.input_shape)
@@ -85,88 +86,6 @@ def resolve_device(device: DeviceLike) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
-
-# ----------------------------------------------------------------------------------------- loading
-
-def load(name: str = "digits", root: str | os.PathLike | None = None, download: bool = False,
-         device: DeviceLike = "cpu", **kw: Any) -> Dataset:
-    """Load dataset ``name`` (one of ``NAMES``) as whole tensors on ``device``."""
-    key = str(name).lower().replace("-", "_")
-    if key == "digits":
-        data = _load_digits(**kw)
-    elif key == "synthetic":
-        data = _load_synthetic(**kw)
-    elif key == "mnist_subset":
-        from modeconn.mnist_subset import load_mnist_subset
-
-        data = load_mnist_subset(root, **kw)
-    elif key in _TORCHVISION:
-        data = _load_torchvision(key, root, download, **kw)
-    else:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
-    return data.to(device)
-
-
-def _load_digits(image: bool = False) -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(digits.target, dtype=torch.int64)
-    i_train, i_test = train_test_split(torch.arange(len(y)).numpy(), test_size=0.2,
-                                       stratify=y.numpy(), random_state=0)
-    i_train, i_test = torch.as_tensor(i_train), torch.as_tensor(i_test)
-    mean, std = x[i_train].mean(), x[i_train].std()  # global, from the train split
-    x = (x - mean) / std
-    shape = (1, 8, 8) if image else (64,)
-    x = x.reshape(-1, *shape)
-    return Dataset("digits", x[i_train], y[i_train], x[i_test], y[i_test], 10, shape)
-
-
-def _load_synthetic(seed: int = 0, num_train: int = 512, num_test: int = 128,
-                    input_shape: int | Iterable[int] = (16,), num_classes: int = 4,
-                    noise: float = 0.1) -> Dataset:
-    """Gaussian inputs labelled by a fixed random linear teacher (argmax of logits plus noise)."""
-    shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(s) for s in input_shape)
-    g = torch.Generator().manual_seed(int(seed))
-    n, dim = num_train + num_test, 1
-    for s in shape:
-        dim *= s
-    x = torch.randn(n, *shape, generator=g)
-    teacher = torch.randn(dim, num_classes, generator=g) / dim ** 0.5
-    logits = x.reshape(n, dim) @ teacher + noise * torch.randn(n, num_classes, generator=g)
-    y = logits.argmax(1)
-    return Dataset("synthetic", x[:num_train], y[:num_train], x[num_train:], y[num_train:],
-                   int(num_classes), shape)
-
-
-def _load_torchvision(key: str, root: str | os.PathLike | None, download: bool) -> Dataset:
-    import torchvision.datasets as tvd
-
-    cls_name, mean, std, augment = _TORCHVISION[key]
-    root = os.path.abspath(os.path.expanduser(
-        os.fspath(root) if root is not None else os.environ.get("MODECONN_DATA", "./data")))
-    splits = []
-    for train in (True, False):
-        try:
-            ds = getattr(tvd, cls_name)(root, train=train, download=download)
-        except (RuntimeError, OSError) as err:  # "Dataset not found", URLError, failed downloads
-            what = "could not be downloaded to" if download else "was not found in"
-            raise DatasetNotFoundError(
-                f"dataset {key!r} {what} {root} ({err}). Pass download=True "
-                f"(CLI: data.download=true) with network access, or place the {cls_name} files "
-                f"in {root} yourself.") from err
-        x = torch.as_tensor(ds.data)  # uint8: (N, H, W) for MNIST-like, (N, H, W, C) for CIFAR
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        x = x.contiguous().to(torch.float32).div_(255)
-        x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
-        splits += [x, torch.as_tensor(ds.targets, dtype=torch.int64)]
-    num_classes = 100 if key == "cifar100" else 10
-    return Dataset(key, *splits, num_classes, tuple(splits[0].shape[1:]), augment)
-
-
-# ---------------------------------------------------------------------------------------- batching
 
 def augment_batch(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Random crop with 4-pixel zero padding and random horizontal flip of a (N, C, H, W) batch."""

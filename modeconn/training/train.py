@@ -1,10 +1,10 @@
 """One solution per seed: resumable, NaN-safe training of a plain ``nn.Module``.
 
 ``train(model, data, cfg, seed, checkpoint_path=...)`` runs :class:`EndpointStep` (cross-entropy of the
-model on a batch) on the one training loop, :class:`modeconn.loop.Loop`: SGD or Adam, a per-epoch learning
+model on a batch) on the one training loop, :class:`modeconn.training.loop.Loop`: SGD or Adam, a per-epoch learning
 rate schedule (:func:`lr_at`), ``<checkpoint_path>.resume.pt`` after every epoch (model, optimizer, epoch
 and RNG states) so that an interrupted run continues where it stopped and ends with bitwise the same
-weights on the CPU. At the end the checkpoint is saved with :func:`modeconn.checkpoint.save_checkpoint`.
+weights on the CPU. At the end the checkpoint is saved with :func:`modeconn.io.checkpoint.save_checkpoint`.
 A finished checkpoint is never overwritten: calling ``train`` again loads it and returns its metrics.
 
 The model is *not* re-initialised here: build it under ``torch.manual_seed(seed)`` for a
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeconn import data as mdata
-from modeconn.batchnorm import has_batchnorm, recompute_statistics
-from modeconn.checkpoint import fingerprint, load_checkpoint, read_meta, save_checkpoint
-from modeconn.checks import check_model_data
-from modeconn.loop import OPTIMIZERS, SCHEDULES, Loop, NonFiniteLossError, Resume, Schedule, make_optimizer, resume_path
+from modeconn.params.batchnorm import has_batchnorm, recompute_statistics
+from modeconn.io.checkpoint import fingerprint, load_checkpoint, read_meta, save_checkpoint
+from modeconn.params.checks import check_model_data
+from modeconn.training.loop import OPTIMIZERS, SCHEDULES, Loop, NonFiniteLossError, Resume, Schedule, make_optimizer, resume_path
 
 __all__ = [
     "TrainConfig",
@@ -45,7 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_RESUME_FORMAT = "modeconn.train/2"
+_RESUME_FORMAT = "modeconn.training.train/2"
 
 BN_ITEMS = 2048  # training inputs for BatchNorm statistics; the evaluator's default bn_items
 
@@ -119,7 +119,7 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, epoch: float) -> float:
-    """The learning rate of ``cfg`` at (fractional) epoch ``epoch`` (see :class:`modeconn.loop.Schedule`)."""
+    """The learning rate of ``cfg`` at (fractional) epoch ``epoch`` (see :class:`modeconn.training.loop.Schedule`)."""
     return cfg.lr_schedule().at(epoch)
 
 
@@ -223,7 +223,7 @@ def train(
     ``(inputs, targets)`` pair (shuffled, not augmented) or a re-iterable of batches (used as given).
     ``eval_data`` (a Dataset, whose test split is used, a pair or batches) gives the test metrics
     instead. Dropout draws from torch's global RNG seeded with ``seed`` for the run only
-    (:func:`modeconn.loop.global_rng`): the caller's RNG state is left as it was.
+    (:func:`modeconn.training.loop.global_rng`): the caller's RNG state is left as it was.
 
     With ``checkpoint_path``: ``<checkpoint_path>.resume.pt`` is written after every epoch and picked
     up by a later call (bitwise-identical final weights on the CPU); at the end the checkpoint and its

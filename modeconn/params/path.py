@@ -13,16 +13,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from modeconn.checks import check_compatible, check_model_data, check_states
-from modeconn.paths.certificate import Certificate
-from modeconn.state import State, float_state, interpolate
+from modeconn.params.checks import check_compatible, check_model_data, check_states
+from modeconn.params.certificate import Certificate
+from modeconn.params.state import State, float_state, interpolate
 
 
 def check_endpoints(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], model: torch.nn.Module | None = None,
                     data=None) -> None:
     """The one check every constructor makes first, before any work: the endpoints have the same keys,
     shapes and dtypes (and fit ``model``), hold no NaN or infinity, and ``model`` runs on ``data`` with
-    labels inside its outputs. Raises ``ValueError`` saying what differs (see :mod:`modeconn.checks`)."""
+    labels inside its outputs. Raises ``ValueError`` saying what differs (see :mod:`modeconn.params.checks`)."""
     check_states(theta_a, theta_b, model)
     if model is not None and data is not None:
         check_model_data(model, data)
@@ -53,7 +53,7 @@ class Path:
 
     Attributes: ``name``; ``knots`` (t of each waypoint, 0 first and 1 last); ``labels`` (one per segment
     or ``None``); ``certificate`` (what a theorem proves about this path, a
-    :class:`~modeconn.paths.certificate.Certificate`, or ``None``) and ``bound`` (its exact loss bound over
+    :class:`~modeconn.params.certificate.Certificate`, or ``None``) and ``bound`` (its exact loss bound over
     the whole path, or ``None``); ``model`` (the module the
     path lives in when it differs from the caller's, e.g. after BatchNorm folding, else ``None``);
     ``info`` (constructor-specific facts for reports).

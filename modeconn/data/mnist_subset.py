@@ -8,7 +8,7 @@ pixels to [0, 1] and normalises them with MNIST's mean and std, as :mod:`modecon
 
 Parsing the CSV takes seconds, so the split is cached as uint8 tensors in
 ``<root>/mnist_subset/split<seed>-test<n>.pt`` (root: ``$MODECONN_DATA`` or ``./data``), written atomically and
-read back through :func:`modeconn.checkpoint.safe_load`; an unreadable cache is rebuilt.
+read back through :func:`modeconn.io.checkpoint.safe_load`; an unreadable cache is rebuilt.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from modeconn.checkpoint import UnreadableFileError, atomic_torch_save, safe_load
-from modeconn.data import Dataset
+from modeconn.io.checkpoint import UnreadableFileError, atomic_torch_save, safe_load
+from modeconn.data.dataset import Dataset
 
 __all__ = ["load_mnist_subset", "cache_file", "MEAN", "STD", "INSTALL_HINT", "NUM_IMAGES"]
 

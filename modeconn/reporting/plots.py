@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from modeconn.checkpoint import atomic_write_bytes  # noqa: E402
-from modeconn.evaluate import PathEval  # noqa: E402
+from modeconn.io.checkpoint import atomic_write_bytes  # noqa: E402
+from modeconn.evaluation.evaluate import PathEval  # noqa: E402
 
 __all__ = ["save_figure", "plot_paths", "spans_decades", "LOG_PANEL"]
 

@@ -27,8 +27,8 @@ INTERRUPTED = "modeconn: interrupted; rerun the same command to resume"
 
 def _conf_dir() -> Path:
     """The shipped configs: ``modeconn/conf`` in an installed wheel, ``<repo>/conf`` in a source tree."""
-    here = Path(__file__).resolve().parent
-    return here / "conf" if (here / "conf" / "config.yaml").is_file() else here.parent / "conf"
+    package = Path(__file__).resolve().parents[1]
+    return package / "conf" if (package / "conf" / "config.yaml").is_file() else package.parent / "conf"
 
 
 CONF_DIR = str(_conf_dir())
@@ -38,11 +38,11 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, err
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from modeconn.batchnorm import BatchNormFoldError
-    from modeconn.checkpoint import CheckpointMismatchError, UnreadableFileError
-    from modeconn.config import ConfigError
+    from modeconn.params.batchnorm import BatchNormFoldError
+    from modeconn.io.checkpoint import CheckpointMismatchError, UnreadableFileError
+    from modeconn.run.config import ConfigError
     from modeconn.data import DatasetNotFoundError
-    from modeconn.train import NonFiniteLossError
+    from modeconn.training.train import NonFiniteLossError
     from modeconn.units import UnsupportedLayerError
 
     # ValueError covers the rest of the input checks (a path's options, unsupported architectures ...)
@@ -137,7 +137,7 @@ def _task_overrides() -> list[str]:
 def _write_hydra_record(cfg: DictConfig) -> None:
     """Hydra's ``.hydra/{config,hydra,overrides}.yaml``, written only once a run really starts (Hydra's own
     writing is off: ``hydra.output_subdir: null``), so a refused rerun leaves a finished run untouched."""
-    from modeconn.checkpoint import atomic_write_bytes
+    from modeconn.io.checkpoint import atomic_write_bytes
 
     hc = HydraConfig.get()
     folder = Path(hc.runtime.output_dir) / ".hydra"
@@ -148,10 +148,10 @@ def _write_hydra_record(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _run(cfg: DictConfig) -> None:
-    from modeconn.heap import keep_freed_memory
-    from modeconn.pipeline import run
+    from modeconn.io.heap import keep_freed_memory
+    from modeconn.run.pipeline import run
 
-    keep_freed_memory()  # the one process-wide allocator setting (see modeconn/heap.py)
+    keep_freed_memory()  # the one process-wide allocator setting (see modeconn/io/heap.py)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run(cfg, out_dir, only=selected_paths(_task_overrides()),
@@ -191,7 +191,7 @@ def quote_tilde(arg: str) -> str:
 def main() -> None:
     """Console entry point: exit 0 done, 2 bad input, 130 interrupted, 1 a bug."""
     if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from modeconn.report import main as report_main
+        from modeconn.reporting.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
     sys.argv = [sys.argv[0], *(quote_tilde(a) for a in sys.argv[1:])]

@@ -1,12 +1,12 @@
 """A run's ``report.md``: the endpoints, one row per path with its barriers and bound, endpoint stability,
-alignment, and every path's certificate (:class:`~modeconn.paths.certificate.Certificate`) as data rendered
+alignment, and every path's certificate (:class:`~modeconn.params.certificate.Certificate`) as data rendered
 into words."""
 from __future__ import annotations
 
-from modeconn import runrecord
+from modeconn.io import runrecord
 from modeconn.align.step import report_lines as alignment_report
-from modeconn.evaluate import PathEval
-from modeconn.paths.certificate import Bound, Certificate
+from modeconn.evaluation.evaluate import PathEval
+from modeconn.params.certificate import Bound, Certificate
 
 __all__ = ["render_report", "certificate", "certificate_lines"]
 

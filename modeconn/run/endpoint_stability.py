@@ -13,10 +13,10 @@ from pathlib import Path as FilePath
 
 from torch import Tensor, nn
 
-from modeconn.checkpoint import atomic_write_json
-from modeconn.plots_stability import plot_dropout_stability, plot_figure2, plot_noise_stability
+from modeconn.io.checkpoint import atomic_write_json
+from modeconn.reporting.plots_stability import plot_dropout_stability, plot_figure2, plot_noise_stability
 from modeconn.stability.figure2 import Figure2Options, figure2, train_trial_net
-from modeconn.train import TrainConfig
+from modeconn.training.train import TrainConfig
 from modeconn.kuditipudi.dropout_stability import dropout_stability
 from modeconn.kuditipudi.noise_stability import noise_stability
 

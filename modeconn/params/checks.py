@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from modeconn.data.dataset import Dataset, _is_pair, check_labels
+
 __all__ = ["NonFiniteError", "first_non_finite", "require_finite", "check_finite_endpoints", "check_path_losses",
            "check_compatible", "check_states", "check_labels", "check_model_data", "expected_input", "check_times"]
 
@@ -74,7 +76,7 @@ def check_finite_endpoints(ends: Sequence[Mapping[str, Any]] | None, model: nn.M
     :class:`NonFiniteError` naming the file and the first bad tensor or loss."""
     from torch.func import functional_call
 
-    from modeconn.data import materialize
+    from modeconn.data.dataset import materialize
 
     for end in ends or []:
         what = f"endpoint {end['file']}"
@@ -94,7 +96,7 @@ def check_finite_endpoints(ends: Sequence[Mapping[str, Any]] | None, model: nn.M
 
 
 def check_path_losses(evaluation: Any) -> None:
-    """A path evaluation (a :class:`~modeconn.evaluate.PathEval`) has a finite loss at every t; else
+    """A path evaluation (a :class:`~modeconn.evaluation.evaluate.PathEval`) has a finite loss at every t; else
     :class:`NonFiniteError` naming the path, the split and the first t (the run fails, unrecorded)."""
     for key, values in evaluation.metrics.items():
         if not key.endswith("loss"):
@@ -174,19 +176,6 @@ def check_states(a: Mapping[str, Any], b: Mapping[str, Any], model: nn.Module | 
 
 # ------------------------------------------------------------------------------------ data
 
-def check_labels(labels: Tensor, num_classes: int, what: str = "labels") -> None:
-    """Labels are integer class indices in ``[0, num_classes)``; else ``ValueError`` naming the bad range."""
-    if not torch.is_tensor(labels):
-        raise TypeError(f"{what} must be a tensor of class indices; got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{what} must be integer class indices (int64); got dtype {labels.dtype}")
-    if labels.numel() == 0:
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{what} must lie in [0, {num_classes}); got labels in [{lo}, {hi}]")
-
-
 def expected_input(model: nn.Module) -> str:
     """What the model's first layer takes, in words (e.g. ``"(N, 64)"`` or ``"(N, 3, H, W)"``)."""
     flattens = False
@@ -203,8 +192,6 @@ def expected_input(model: nn.Module) -> str:
 
 def _inputs_and_labels(data: Any) -> tuple[Tensor | None, list[Tensor]]:
     """A small input batch and every label tensor of ``data`` that can be read without consuming it."""
-    from modeconn.data import Dataset, _is_pair
-
     if isinstance(data, Dataset):
         return data.x_train[:2], [data.y_train, data.y_test]
     if _is_pair(data):

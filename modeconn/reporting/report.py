@@ -60,7 +60,7 @@ def _flatten(node, prefix: str = "") -> dict:
 def run_config(summary_file: FilePath) -> tuple[dict, object]:
     """(the run's result config as dotted keys without its seed, its seed); a run without ``config.yaml``
     is keyed by its directory, so it forms a group of its own."""
-    from modeconn.runrecord import result_config
+    from modeconn.io.runrecord import result_config
 
     config_file = summary_file.parent / "config.yaml"
     if not config_file.exists():
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(render_groups(groups, args.metric))
     if args.figures is not None:
-        from modeconn.figures import redraw
+        from modeconn.reporting.figures import redraw
 
         for file in redraw(args.runs, args.figures):
             print(f"wrote {file}")

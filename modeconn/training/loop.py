@@ -3,7 +3,7 @@
 A :class:`Loop` owns what every training run shares: the epochs, the learning-rate :class:`Schedule`, the
 shuffled (and, when asked, augmented) batches, the tqdm progress bar, the NaN policy, atomic resume and
 per-epoch callbacks. What is trained and what a batch's loss is belongs to a :class:`Step` (endpoints:
-:mod:`modeconn.train`; curves: :mod:`modeconn.paths.curves`).
+:mod:`modeconn.training.train`; curves: :mod:`modeconn.paths.curves`).
 
 Randomness is owned by the loop and never reseeds the caller's RNG: shuffling and augmentation draw from
 the loop's ``"data"`` :class:`torch.Generator`, a step's own draws (a curve's t) from generators it hands
@@ -11,8 +11,8 @@ the loop (``generators=``, saved and restored with the others), and modules that
 inside :func:`global_rng`, which seeds the global RNG for the loop's duration and restores the caller's
 state afterwards. All of these states go into the resume file.
 
-The resume file (written with :func:`~modeconn.checkpoint.atomic_torch_save` after every epoch, read with
-:func:`~modeconn.checkpoint.safe_load`, so weights-only) holds only tensors, plain containers, numbers and
+The resume file (written with :func:`~modeconn.io.checkpoint.atomic_torch_save` after every epoch, read with
+:func:`~modeconn.io.checkpoint.safe_load`, so weights-only) holds only tensors, plain containers, numbers and
 strings: ``format``, ``epoch``, the step's ``state``, the ``optimizer`` state, the ``rng`` states, the
 per-epoch ``history``, the run's ``identity`` (plain values that must match to continue) and the step's
 ``extra`` content. A run resumed from it ends with bitwise the weights of an uninterrupted one on the CPU.
@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from modeconn import data as mdata
-from modeconn.checkpoint import CheckpointMismatchError, atomic_torch_save, describe_mismatch, safe_load
+from modeconn.io.checkpoint import CheckpointMismatchError, atomic_torch_save, describe_mismatch, safe_load
 
 __all__ = ["Loop", "Step", "Resume", "Schedule", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES",
            "make_optimizer", "global_rng"]
@@ -143,7 +143,7 @@ class Resume:
     """Where a loop saves its progress and what identifies the run it belongs to.
 
     ``identity``: plain values (seed, settings) that must be equal to continue from the file;
-    ``architecture``: a :func:`~modeconn.checkpoint.fingerprint` that must match (``CheckpointMismatchError``
+    ``architecture``: a :func:`~modeconn.io.checkpoint.fingerprint` that must match (``CheckpointMismatchError``
     otherwise); ``extra``: a function giving more plain content written with every epoch (a curve's bends).
     """
 

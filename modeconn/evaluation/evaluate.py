@@ -1,8 +1,8 @@
 """Evaluate loss and error along a path, many points at once, and report every barrier.
 
 Points are evaluated in chunks: the parameters of a chunk of t are stacked and one ``torch.func.vmap``'d
-``functional_call`` runs them all on each data batch (:mod:`modeconn.stacked`), instead of loading one
-model at a time. BatchNorm statistics are recomputed at every point (see :mod:`modeconn.batchnorm`), for a
+``functional_call`` runs them all on each data batch (:mod:`modeconn.evaluation.stacked`), instead of loading one
+model at a time. BatchNorm statistics are recomputed at every point (see :mod:`modeconn.params.batchnorm`), for a
 whole chunk at once. ``batched=False`` is the one-point-at-a-time reference. Evaluation is deterministic:
 eval mode, no dropout, no augmentation, plain cross-entropy, fixed data subsets whose sizes are recorded.
 """
@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from modeconn.barriers import barriers
-from modeconn.batchnorm import STATISTICS_BATCH, has_batchnorm, load_point
-from modeconn.checkpoint import atomic_write_bytes, atomic_write_json
-from modeconn.checks import check_model_data, check_times
+from modeconn.evaluation.barriers import barriers
+from modeconn.params.batchnorm import STATISTICS_BATCH, has_batchnorm, load_point
+from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json
+from modeconn.params.checks import check_model_data, check_times
 from modeconn.data import Dataset, materialize, resolve_device
-from modeconn.paths.base import Path
-from modeconn.stacked import (MIN_ROWS, StackedModel, batch_rows, is_convolutional, point_chunk, segment_of,
+from modeconn.params.path import Path
+from modeconn.evaluation.stacked import (MIN_ROWS, StackedModel, batch_rows, is_convolutional, point_chunk, segment_of,
                               stackable, widest_activation)
 
 SPLITS = ("train", "test")
@@ -149,7 +149,7 @@ def _profile_point(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> t
 
 def _chunk_size(model: nn.Module, n_points: int, x: Tensor, bn_inputs: Tensor | None, widest: int,
                 device: torch.device) -> int:
-    """Points evaluated together by the batched evaluation (see :func:`modeconn.stacked.point_chunk`): room
+    """Points evaluated together by the batched evaluation (see :func:`modeconn.evaluation.stacked.point_chunk`): room
     is left for a data batch of ``MIN_ROWS`` examples and, with BatchNorm, for a statistics batch. One at a
     time for convolutional models on a CPU, where a vmapped convolution (a grouped one) is slower than one
     model at a time."""

@@ -16,20 +16,20 @@ from pathlib import Path as FilePath
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modeconn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-from modeconn.checks import check_finite_endpoints, check_path_losses
-from modeconn import runrecord
-from modeconn.config import ConfigError, to_container, validate
+from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from modeconn.params.checks import check_finite_endpoints, check_path_losses
+from modeconn.io import runrecord
+from modeconn.run.config import ConfigError, to_container, validate
 from modeconn.data import Dataset, describe, example_input, load, resolve_device
 from modeconn.align.step import align_endpoints, path_variants
-from modeconn.evaluate import PathEval, evaluate_path
-from modeconn.loop import global_rng
+from modeconn.evaluation.evaluate import PathEval, evaluate_path
+from modeconn.training.loop import global_rng
 from modeconn.models import build, takes_images
-from modeconn.state import float_state
+from modeconn.params.state import float_state
 from modeconn.paths.registry import BUILDERS, PathContext, build_path
-from modeconn.plots import plot_paths
-from modeconn.report_md import render_report
-from modeconn.train import TrainConfig, train
+from modeconn.reporting.plots import plot_paths
+from modeconn.reporting.report_md import render_report
+from modeconn.training.train import TrainConfig, train
 
 log = logging.getLogger("modeconn")
 
@@ -106,7 +106,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
 
     ``only`` keeps just these paths of ``cfg.path`` (a command-line ``path=[...]`` over a preset). A
     finished run in ``out_dir`` is returned as it is when its config, endpoint files and provenance match,
-    and refused when they do not (:mod:`modeconn.runrecord`). Every check that needs no training (the
+    and refused when they do not (:mod:`modeconn.io.runrecord`). Every check that needs no training (the
     config, the data, the model, given endpoint files) runs before anything is written; ``record`` is
     called just before the first write (the CLI writes Hydra's record there).
     """
@@ -150,7 +150,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
     stability = None
     st = cfg.get("stability") or {}
     if st.get("dropout_keep") or st.get("noise"):
-        from modeconn.stability.endpoints import measure_endpoints
+        from modeconn.run.endpoint_stability import measure_endpoints
 
         stability = measure_endpoints(model, {f"seed{e['seed']}": th for e, th in zip(ends, (theta_a, theta_b))},
                                       data, out_dir, keeps=list(st.get("dropout_keep") or []),
@@ -159,7 +159,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
                                       max_items=cfg.eval.max_items, device=device)
     figure2 = None
     if st.get("figure2"):  # Kuditipudi et al. Figure 2 over several trained nets (the endpoints first)
-        from modeconn.stability.endpoints import measure_figure2
+        from modeconn.run.endpoint_stability import measure_figure2
 
         figure2 = measure_figure2(model, {e["seed"]: th for e, th in zip(ends, (theta_a, theta_b)) if e["seed"] is not None},
                                   data, out_dir, to_container(st.figure2), to_container(cfg.model),

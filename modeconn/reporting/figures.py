@@ -14,11 +14,11 @@ from pathlib import Path as FilePath
 
 import numpy as np
 
-from modeconn.evaluate import PathEval
-from modeconn.plots import plot_paths
-from modeconn.plots_stability import plot_figure2
+from modeconn.evaluation.evaluate import PathEval
+from modeconn.reporting.plots import plot_paths
+from modeconn.reporting.plots_stability import plot_figure2
 from modeconn.stability.figure2 import pool_figure2
-from modeconn.checkpoint import atomic_write_json
+from modeconn.io.checkpoint import atomic_write_json
 
 __all__ = ["redraw", "mean_paths"]
 
