@@ -3,8 +3,9 @@
 The stages are folders (lowest first): ``io``, ``data``/``models``/``units``, ``params``, ``training``/
 ``evaluation``/``align``, ``kuditipudi``, ``paths``, ``stability``, ``reporting``, ``landscape``, ``run``.
 The public modules keep their short names: ``from modeconn import data, models, units, train, paths,
-evaluate, align, stability`` (``train`` is :mod:`modeconn.training.train`, ``evaluate`` is
-:mod:`modeconn.evaluation.evaluate`); they are imported on first use, so ``import modeconn`` stays cheap.
+evaluate, align, stability, plots`` (``train`` is :mod:`modeconn.training.train`, ``evaluate``
+:mod:`modeconn.evaluation.evaluate`, ``plots`` :mod:`modeconn.reporting.plots`); they are imported on first
+use, so ``import modeconn`` stays cheap.
 """
 import importlib
 
@@ -16,6 +17,7 @@ _ALIASES = {
     "evaluate": "modeconn.evaluation.evaluate",
     "barriers": "modeconn.evaluation.barriers",
     "checkpoint": "modeconn.io.checkpoint",
+    "plots": "modeconn.reporting.plots",
 }
 _PACKAGES = ("data", "models", "units", "params", "training", "evaluation", "align", "kuditipudi", "paths",
              "stability", "reporting", "landscape", "run", "io")

@@ -199,3 +199,15 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     assert _cycles(module_graph(pkg)) == [["modeconn.units.groups", "modeconn.units.infer"]]
     (pkg / "units" / "long.py").write_text("def f():\n" + "    x = 1\n" * 130)
     assert len(long_functions(pkg / "units" / "long.py")) == 1
+
+
+def test_the_public_short_names_still_import():
+    done = subprocess.run([sys.executable, "-c", (
+        "import sys, modeconn\n"
+        "assert 'torch' not in sys.modules  # import modeconn stays cheap\n"
+        "from modeconn import align, data, evaluate, models, paths, plots, stability, train, units\n"
+        "assert evaluate.evaluate_path and train.train and train.TrainConfig and plots.plot_paths\n"
+        "assert paths.linear and paths.fit_curve and data.load and units.infer and align.weight_matching\n"
+        "assert modeconn.evaluate is evaluate and modeconn.train is train\n")], capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

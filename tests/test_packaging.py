@@ -39,7 +39,7 @@ def test_the_wheel_ships_the_configs_and_every_preset_composes_outside_the_repo(
 
     where = subprocess.run([sys.executable, "-c", "import modeconn.run.cli as c; print(c.__file__, c.CONF_DIR)"],
                            cwd=outside, env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert where == [str(target / "modeconn" / "cli.py"), str(target / "modeconn" / "conf")]
+    assert where == [str(target / "modeconn" / "run" / "cli.py"), str(target / "modeconn" / "conf")]
     assert "name: default" in modeconn(entry=(str(target / "bin" / "modeconn"),))
     for preset in PRESETS:
         assert "name:" in modeconn(f"experiment={preset}"), preset
