@@ -3,11 +3,15 @@
 
     python3 dev.py demo    # create .venv, install modeconn, run the default job on the embedded digits data
     python3 dev.py test    # create .venv, install modeconn with test extras, run the test suite
-    python3 dev.py test --fast   # the same without the end-to-end tests marked slow (under 2 minutes)
+    python3 dev.py test --fast   # the same without the end-to-end tests marked slow (times: README.md)
 
 The tests run in one pytest-xdist worker per core (pass ``-n 0`` for one process).
 
 Extra arguments are passed on: ``python3 dev.py demo path=[linear,bezier]``, ``python3 dev.py test -k units``.
+
+``MODECONN_VENV`` (default ``.venv``) picks the environment and ``MODECONN_EXTRAS`` (default ``test,launchers``)
+the extras installed into it: ``MODECONN_VENV=.venv-bare MODECONN_EXTRAS=test python3 dev.py test --fast`` runs
+the tests without any optional dependency (their tests skip), as ``.ci/run`` does.
 """
 from __future__ import annotations
 
@@ -21,17 +25,21 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("MODECONN_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".modeconn-installed"
+EXTRAS = os.environ.get("MODECONN_EXTRAS", "test,launchers")
 
 
 def ensure_env() -> None:
-    """Create the virtualenv and install the package (editable, with the test and launcher extras) when out of date."""
+    """Create the virtualenv and install the package (editable, with ``EXTRAS``) when out of date: older than
+    pyproject.toml or installed with other extras (the stamp file holds them)."""
     if not (BIN / "python").exists():
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    if not STAMP.exists() or STAMP.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
-        print("dev.py: installing modeconn and its dependencies (PyTorch takes a few minutes the first time)", flush=True)
-        subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test,launchers]"], check=True)
-        STAMP.touch()
+    stale = not STAMP.exists() or STAMP.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime
+    if stale or STAMP.read_text().strip() not in ("", EXTRAS):  # an empty stamp: written before extras were recorded
+        print(f"dev.py: installing modeconn[{EXTRAS}] and its dependencies into {VENV} (PyTorch takes a few minutes "
+              "the first time)", flush=True)
+        subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[{EXTRAS}]"], check=True)
+        STAMP.write_text(EXTRAS + "\n")
 
 
 def main(argv: list[str]) -> int:

@@ -4,17 +4,18 @@ Trains (or, with ``--no-train``, just initialises) two endpoints of a model, bui
 between them with ``modeconn.paths.linear`` and evaluates it at ``--points`` values of t on the train and
 test splits, three ways, in one process, on the same data:
 
-* ``loop``: what the existing tools do (Garipov et al.'s dnn-mode-connectivity and most scripts): for each
-  t, ``model.load_state_dict(path.state_dict(t))`` (for BatchNorm models then the statistics recomputed on
-  the first ``--bn-items`` training inputs, as modeconn does), then a ``DataLoader(TensorDataset(x, y),
-  batch_size=128)`` loop summing the cross-entropy and the errors;
+* ``loop``: the ten-line loop a user writes without modeconn (:func:`loop_baseline`): for each t
+  ``model.load_state_dict(path.state_dict(t))``, for BatchNorm models the running statistics reset and
+  recomputed (``momentum=None``, BatchNorm in train mode over the first ``--bn-items`` training inputs in
+  modeconn's batches of 512), then one eval-mode forward per split;
 * ``evaluate_path(..., batched=False)``: modeconn's one-point-at-a-time reference mode;
 * ``evaluate_path(..., batched=True)``: the default, many t per data batch through ``torch.func.vmap``
   (BatchNorm statistics of a chunk of points computed together); ``--chunks 4 8`` also times it with
   those point chunks forced (e.g. to measure stacked convolutions on a CPU, which evaluates them one
   point at a time by default).
 
-Each method is run once to warm up, then ``--repeats`` times; the table gives the median and the best
+The process is a plain one (``--heap`` calls ``modeconn.io.heap.keep_freed_memory()`` first, as the CLI
+does). Each method is run once to warm up, then ``--repeats`` rounds interleave one run of each; the table gives the median and the best
 wall-clock seconds (``time.perf_counter``, with a CUDA synchronisation on a GPU), the speed-up of the median
 over ``loop``, the same for the process CPU seconds (with ``--threads 1`` on a busy CPU these measure the
 work whatever else runs), and the largest absolute difference in train (and test) loss and error between the batched
@@ -24,6 +25,7 @@ evaluation and each of the other two. Times are only reported, never asserted on
     python bench/eval_path.py --model convnet                  # the all-conv net on 1x8x8 digits
     python bench/eval_path.py --model vgg11 --data synthetic   # a narrow VGG-11 on CIFAR-shaped data
     python bench/eval_path.py --model mlp_bn                   # the MLP with BatchNorm1d after each hidden layer
+    python bench/eval_path.py --model mlp --hidden 65 33 49 --no-train   # issue 28's table: also mlp_bn --hidden 200 150, convnet_bn
     python bench/eval_path.py --model vgg11_bn --data synthetic --points 21 --repeats 1 --epochs 1
     python bench/eval_path.py --model preresnet20 --data synthetic --width 0.5 --chunks 4
     python bench/eval_path.py --device cuda --json eval_mlp.json
@@ -42,11 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from modeconn import data as D  # noqa: E402
 from modeconn import models  # noqa: E402
-from modeconn.params.batchnorm import has_batchnorm, recompute_statistics  # noqa: E402
+from modeconn.params.batchnorm import has_batchnorm  # noqa: E402
 from modeconn.evaluation.evaluate import evaluate_path, grid  # noqa: E402
 from modeconn.io.heap import keep_freed_memory  # noqa: E402
 from modeconn.paths import linear  # noqa: E402
@@ -71,18 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
     p.add_argument("--num-train", type=int, default=None, help="synthetic train size (default 2048 CPU, 10000 GPU)")
     p.add_argument("--num-test", type=int, default=None, help="synthetic test size (default 512 CPU, 2000 GPU)")
-    p.add_argument("--loader-batch", type=int, default=128, help="DataLoader batch size of the loop baseline")
     p.add_argument("--batch-size", type=int, default=2048, help="evaluate_path batch_size (conf/eval default)")
     p.add_argument("--bn-items", type=int, default=2048, help="training inputs for BatchNorm statistics")
     p.add_argument("--chunks", type=int, nargs="*", default=[], help="also time batched=True with these point chunks")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--no-heap", action="store_true",
-                   help="leave glibc's malloc thresholds alone (modeconn.io.heap.keep_freed_memory is called otherwise, as the CLI does)")
+    p.add_argument("--heap", action="store_true",
+                   help="call modeconn.io.heap.keep_freed_memory() first, as the CLI does (default: a plain process)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
-MODELS = ["mlp", "mlp_bn", "convnet", "vgg11", "vgg11_bn", "vgg16_bn", "preresnet20"]
+MODELS = ["mlp", "mlp_bn", "convnet", "convnet_bn", "vgg11", "vgg11_bn", "vgg16_bn", "preresnet20"]
 
 
 def load_data(args, dev: torch.device) -> D.Dataset:
@@ -99,6 +99,11 @@ def build(args, ds: D.Dataset) -> torch.nn.Module:
     if args.model.startswith("mlp"):
         kw = {"hidden": tuple(args.hidden), "dropout": args.dropout, "batch_norm": args.model == "mlp_bn"}
         return models.build("mlp", ds.input_shape, ds.num_classes, **kw)
+    if args.model == "convnet_bn":  # a small conv net with BatchNorm2d, written here (no such zoo model)
+        c, h, w = ds.input_shape
+        return torch.nn.Sequential(torch.nn.Conv2d(c, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.nn.BatchNorm2d(32),
+                                   torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * ((h + 1) // 2) * ((w + 1) // 2), ds.num_classes))
     kw = {}
     if args.model.startswith(("vgg", "preresnet")):
         kw["width"] = args.width if args.width is not None else (0.125 if args.model.startswith("vgg") else 1.0)
@@ -111,43 +116,41 @@ def sync(dev: torch.device) -> None:
 
 
 @torch.no_grad()
-def loop_baseline(model: torch.nn.Module, path, ts: list[float], splits: dict, batch_size: int, bn_items: int) -> dict:
-    """One model at a time, the way the existing tools do it: load the state dict (BatchNorm models: then
-    recompute the statistics), loop over a DataLoader."""
-    model.eval()
-    dev = next(model.parameters()).device
-    loaders = {s: DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False) for s, (x, y) in splits.items()}
-    metrics = {f"{s}_{m}": [] for s in splits for m in ("loss", "error")}
-    bn_inputs = splits["train"][0][:bn_items] if has_batchnorm(model) else None
+def loop_baseline(model: torch.nn.Module, path, ts: list[float], splits: dict, bn_items: int) -> dict:
+    """The ten-line loop a user writes without modeconn: load each point, recompute BatchNorm statistics
+    (reset, momentum=None, train-mode forwards over the first ``bn_items`` training inputs in modeconn's
+    batches of 512, dropout off), then one eval-mode forward per split."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bn_inputs, out = splits["train"][0][:bn_items], {f"{s}_{m}": [] for s in splits for m in ("loss", "error")}
     for t in ts:
-        model.load_state_dict(path.state_dict(t), strict=False)
-        if bn_inputs is not None:
-            recompute_statistics(model, bn_inputs)
-        for split, loader in loaders.items():
-            loss, wrong, n = 0.0, 0, 0
-            for x, y in loader:
-                x, y = x.to(dev), y.to(dev)
-                out = model(x)
-                loss += F.cross_entropy(out, y, reduction="sum").item()
-                wrong += (out.argmax(1) != y).sum().item()
-                n += len(y)
-            metrics[f"{split}_loss"].append(loss / n)
-            metrics[f"{split}_error"].append(wrong / n)
-    return metrics
+        model.load_state_dict(path.state_dict(t))
+        if norms:
+            for m in norms:
+                m.reset_running_stats(); m.momentum = None; m.train()
+            for xb in bn_inputs.split(512):
+                model(xb)
+            model.eval()
+        for split, (x, y) in splits.items():
+            logits = model(x)
+            out[f"{split}_loss"].append(F.cross_entropy(logits, y).item())
+            out[f"{split}_error"].append((logits.argmax(1) != y).float().mean().item())
+    return out
 
 
-def timed(fn, repeats: int, dev: torch.device) -> tuple[list[float], list[float], dict]:
-    """Wall-clock and process CPU seconds of each of ``repeats`` runs after a warm-up run, and the last result.
-    With one thread on a shared CPU, CPU seconds measure the work done whatever else runs."""
-    fn()  # warm-up
-    seconds, cpu, out = [], [], None
+def timed(fns: dict, repeats: int, dev: torch.device) -> tuple[dict, dict, dict]:
+    """Wall-clock and process CPU seconds of every method, interleaved (one run of each per round, after a
+    warm-up round), and each method's last result."""
+    seconds, cpu, out = {k: [] for k in fns}, {k: [] for k in fns}, {}
+    for k, fn in fns.items():
+        fn()  # warm-up
     for _ in range(max(1, repeats)):
-        sync(dev)
-        started, started_cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        sync(dev)
-        seconds.append(time.perf_counter() - started)
-        cpu.append(time.process_time() - started_cpu)
+        for k, fn in fns.items():
+            sync(dev)
+            started, started_cpu = time.perf_counter(), time.process_time()
+            out[k] = fn()
+            sync(dev)
+            seconds[k].append(time.perf_counter() - started)
+            cpu[k].append(time.process_time() - started_cpu)
     return seconds, cpu, out
 
 
@@ -159,7 +162,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    heap = False if args.no_heap else keep_freed_memory()
+    heap = keep_freed_memory() if args.heap else False
     dev = D.resolve_device(args.device)
     ds = load_data(args, dev)
     n_params = sum(p.numel() for p in build(args, ds).parameters())
@@ -183,13 +186,13 @@ def main(argv=None) -> dict:
     splits = {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test)}
 
     def run_loop():
-        return loop_baseline(model, path, ts, splits, args.loader_batch, args.bn_items)
+        return loop_baseline(model, path, ts, splits, args.bn_items)
 
     def run_eval(batched: bool, chunk: int | None = None):
         return lambda: evaluate_path(model, path, ds, ts=ts, batch_size=args.batch_size, batched=batched,
                                      point_chunk=chunk, bn_items=args.bn_items, device=dev, progress=False).metrics
 
-    methods = [("loop (load_state_dict + DataLoader)", "loop", run_loop),
+    methods = [("loop (the user's ten lines)", "loop", run_loop),
                ("evaluate_path(batched=False)", "one_at_a_time", run_eval(False)),
                ("evaluate_path(batched=True)", "batched", run_eval(True))]
     methods += [(f"evaluate_path(point_chunk={c})", f"chunk_{c}", run_eval(True, c)) for c in args.chunks]
@@ -199,9 +202,9 @@ def main(argv=None) -> dict:
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
                      "trained_epochs": 0 if args.no_train else args.epochs, "batchnorm": has_batchnorm(model),
                      "bn_items": args.bn_items, "malloc_thresholds_raised": heap, "methods": {}}
-    metrics = {}
+    all_seconds, all_cpu, metrics = timed({key: fn for _, key, fn in methods}, args.repeats, dev)
     for label, key, fn in methods:
-        seconds, cpu, metrics[key] = timed(fn, args.repeats, dev)
+        seconds, cpu = all_seconds[key], all_cpu[key]
         results["methods"][key] = {"label": label, "seconds": seconds, "median_s": statistics.median(seconds),
                                    "best_s": min(seconds), "cpu_seconds": cpu, "median_cpu_s": statistics.median(cpu)}
     base = results["methods"]["loop"]

@@ -5,7 +5,12 @@ train on, and the disk cache of trained test nets (see ``nets.py``).
 take the ``device`` fixture, and the data fixtures ``flat`` and ``images`` live on it, so the nets trained
 on them and the paths built from them do too. Tests marked ``cuda`` only make sense on a GPU (memory
 budgets, non-deterministic kernels) and are skipped without one: ``pytest -m cuda`` runs them.
+
+Tests of an optional dependency carry ``@requires("module", extra="...")`` (``from conftest import requires``):
+without the module they skip with the pip command that installs it, so ``pytest`` collects and passes under
+``pip install -e .[test]`` alone (``.ci/run`` checks that in a second environment).
 """
+import importlib.util
 import os
 
 import pytest
@@ -14,6 +19,23 @@ import torch
 import nets
 from modeconn import data as D
 from nets import N_ITEMS
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` (dotted names too) can be imported, without importing it; False, not an error, when a
+    parent package is missing (``importlib.util.find_spec("a.b")`` raises then)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ModuleNotFoundError for a missing parent; ValueError for a stub module
+        return False
+
+
+def requires(*modules: str, extra: str | None = None) -> pytest.MarkDecorator:
+    """A mark that skips the test unless every one of ``modules`` is installed; the reason names the missing
+    ones and, with ``extra``, the modeconn extra that brings them (``pip install 'modeconn[extra]'``)."""
+    missing = [m for m in modules if not installed(m)]
+    how = f" (pip install 'modeconn[{extra}]')" if extra else ""
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed{how}")
 
 
 def _test_device() -> torch.device:

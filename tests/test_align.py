@@ -226,3 +226,107 @@ def test_the_preset_aligns_a_3x512_mlp_with_repair():
     validate(cfg)
     assert list(cfg.model.hidden) == [512, 512, 512] and cfg.align.method == "weights" and cfg.align.repair
     assert list(cfg.path) == ["linear"]
+
+
+def _conv_bn_net() -> nn.Module:
+    """Every hidden unit group feeds a BatchNorm directly (as in torchvision's ResNets)."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def _random_affine(net: nn.Module, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for k, v in state.items():
+        if k.endswith(("1.weight", "4.weight")) and v.dim() == 1:  # BatchNorm gamma: positive, spread out
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith(("1.bias", "4.bias")):
+            state[k] = torch.randn(v.shape, generator=g)
+    return state
+
+
+def test_repair_on_an_all_batchnorm_net_only_moves_the_affine_by_eps(images):
+    """Why the run skips it: on such a net REPAIR's straight-line points equal the plain ones except for the
+    BatchNorm affine, and that by BatchNorm's eps only; nets with other sites are still repaired."""
+    from modeconn.align.repair import only_batchnorm
+
+    torch.manual_seed(0)
+    a, b = _conv_bn_net().eval(), _conv_bn_net().eval()
+    assert only_batchnorm(a, images[0][:2])
+    line = linear(float_state(_random_affine(a, 1)), float_state(_random_affine(b, 2)))
+    fixed = repair(line, a, images, max_items=256)
+    plain, repaired = line(0.5), fixed(0.5)
+    bn_affine = {f"{i}.{p}" for i in (1, 4) for p in ("weight", "bias")}
+    for k in plain:
+        if k in bn_affine:
+            torch.testing.assert_close(repaired[k], plain[k], atol=1e-3, rtol=1e-3)
+        else:
+            assert torch.equal(repaired[k], plain[k]), k
+    assert any(not torch.equal(repaired[k], plain[k]) for k in bn_affine)  # REPAIR did run
+    for name in ("mlp", "vgg11_bn", "preresnet20"):  # hidden Linear layers / pre-activation BN: not skipped
+        make, shape = MODELS[name]
+        assert not only_batchnorm(make(), torch.randn(2, *shape)), name
+
+
+def test_run_step_skips_repair_on_an_all_batchnorm_net_with_a_notice(images, tmp_path, caplog):
+    from modeconn.align.step import path_variants
+    from modeconn.paths.registry import PathContext
+
+    torch.manual_seed(0)
+    a, b = _conv_bn_net().eval(), _conv_bn_net().eval()
+    ctx = PathContext(model=a, theta_a=float_state(a.state_dict()), theta_b=float_state(b.state_dict()),
+                      data=images, device=torch.device("cpu"), work_dir=tmp_path, progress=False)
+    with caplog.at_level("WARNING", logger="modeconn"):
+        rows = list(path_variants({"linear": {}}.items(), ctx, {"method": "none", "repair": True}, None))
+    assert [r[2] for r in rows] == ["linear"]
+    notices = [r.getMessage() for r in caplog.records if "align.repair skipped" in r.getMessage()]
+    assert len(notices) == 1 and "BatchNorm" in notices[0]
+
+
+def test_auto_keeps_the_lower_midpoint_loss_and_reports_both(digits_mlps, flat):
+    """align=auto's midpoint losses equal the evaluator's at t = 1/2; the kept alignment is the lower one's."""
+    from modeconn.align.auto import auto_matching
+
+    model, theta_a, theta_b = digits_mlps
+    al = auto_matching(model, theta_a, theta_b, flat, max_items=len(flat[0]))
+    info = al.info
+    for method, theta in (("naive", theta_b), ("weights", weight_matching(model, theta_a, theta_b,
+                                                                          example_input=flat[0][:2]).theta),
+                          ("activations", activation_matching(model, theta_a, theta_b, flat).theta)):
+        ev = evaluate_path(model, linear(theta_a, theta), flat, ts=[0.0, 0.5, 1.0], device="cpu", progress=False)
+        assert info[f"midpoint_loss_{method}"] == pytest.approx(ev.metrics["train_loss"][1], rel=1e-5), method
+    lower = min(("weights", "activations"), key=lambda m: info[f"midpoint_loss_{m}"])
+    assert info["auto"] and al.method == info["kept"] == lower
+    assert info[f"midpoint_loss_{lower}"] < info["midpoint_loss_naive"]
+    only = auto_matching(model, theta_a, theta_b, None, example_input=flat[0][:2])
+    assert only.method == "weights" and "midpoint_loss_activations" not in only.info
+
+
+def test_auto_keeps_activations_when_their_midpoint_is_lower(digits_mlps, flat, monkeypatch, tmp_path):
+    from modeconn.align import auto
+    from modeconn.align.step import align_endpoints, report_lines
+    from modeconn.paths.registry import PathContext
+
+    model, theta_a, theta_b = digits_mlps
+    acts = activation_matching(model, theta_a, theta_b, flat)
+    fake = lambda m, a, b, x, y: 0.25 if torch.equal(b["1.weight"], acts.theta["1.weight"]) else 2.0  # noqa: E731
+    monkeypatch.setattr(auto, "midpoint_loss", fake)
+    ctx = PathContext(model=model, theta_a=float_state(theta_a), theta_b=float_state(theta_b), data=flat,
+                      device=torch.device("cpu"), work_dir=tmp_path, progress=False)
+    al = align_endpoints({"method": "auto"}, ctx)
+    assert al.method == "activations" and torch.equal(al.theta["1.weight"], acts.theta["1.weight"])
+    text = " ".join(report_lines({"alignment": al.summary()}))
+    assert "kept activations matching" in text and "weight matching 2.0000, activation matching 0.2500" in text
+
+
+def test_align_auto_config_composes_and_validates():
+    from hydra import compose, initialize_config_dir
+
+    from modeconn.run.cli import CONF_DIR
+    from modeconn.run.config import validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["align=auto", "align.repair=true"])
+    validate(cfg)
+    assert cfg.align.method == "auto" and cfg.align.repair and cfg.align.max_items == 2048

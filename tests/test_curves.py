@@ -350,3 +350,27 @@ def test_batchnorm_curve_reproduces_its_endpoints(digits):
     assert (ev2.metrics["train_loss"][0], ev2.metrics["train_error"][0]) == _profile_point(restored, x, y, 2048)
     assert (ev2.metrics["test_loss"][0], ev2.metrics["test_error"][0]) == _profile_point(restored, xt, yt, 2048)
     assert abs(ev2.metrics["train_loss"][0] - ev.metrics["train_loss"][0]) < 1e-12
+
+
+def test_auto_lr_probe_is_deterministic_and_equals_the_chosen_fixed_lr():
+    """lr="auto" picks a candidate by the probe; the training after it is bit for bit that of lr=<chosen>."""
+    import torch
+
+    from modeconn.paths.curve_fit import fit_curve
+    from modeconn.paths.curve_lr import AUTO_CANDIDATES
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    a = {k: v.clone() for k, v in net.state_dict().items()}
+    b = {k: v + 0.3 * torch.randn_like(v) for k, v in a.items()}
+    data = (torch.randn(128, 4), torch.randint(0, 3, (128,)))
+    kw = dict(epochs=2, batch_size=16, progress=False)
+    p1, p2 = (fit_curve(net, a, b, data, lr="auto", **kw) for _ in range(2))
+    chosen = p1.info["lr_probe"]["lr"]
+    assert chosen in AUTO_CANDIDATES and p2.info["lr_probe"]["lr"] == chosen
+    assert set(p1.info["lr_probe"]["scores"]) == {f"{c:g}" for c in AUTO_CANDIDATES}
+    fixed = fit_curve(net, a, b, data, lr=chosen, **kw)
+    assert fixed.info["lr_probe"] is None and fixed.info["lr"][0] == chosen
+    assert all(torch.equal(u[k], v[k]) for u, v in zip(p1.bends, fixed.bends) for k in u)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0 or 'auto'"):
+        fit_curve(net, a, b, data, lr="fast", **kw)

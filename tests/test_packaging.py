@@ -44,3 +44,34 @@ def test_the_wheel_ships_the_configs_and_every_preset_composes_outside_the_repo(
     for preset in PRESETS:
         assert "name:" in modeconn(f"experiment={preset}"), preset
     assert not list(outside.iterdir())  # --cfg job writes nothing
+
+
+MODULE_OF = {"scikit-learn": "sklearn", "hydra-core": "hydra", "pytest-xdist": "xdist"}  # distribution -> import
+REQUIRED_BY_CORE = {"PIL", "yaml"}  # pillow (required by matplotlib and torchvision), PyYAML (by omegaconf)
+
+
+def test_the_tests_import_no_optional_dependency_at_module_level():
+    """``pytest`` must collect under ``pip install -e .[test]`` alone: a test file imports, at module level,
+    only the standard library, the core and test dependencies and its own folder; an optional one (an extra
+    such as launchers, or a package no extra names) goes through ``conftest.requires`` or
+    ``pytest.importorskip``, so its tests skip without it."""
+    import ast
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    dists = {re.match(r"[A-Za-z0-9_.-]+", n).group(0).lower() for n in names}
+    allowed = {MODULE_OF.get(d, d.replace("-", "_")) for d in dists} | set(sys.stdlib_module_names) | {"modeconn"}
+    allowed |= REQUIRED_BY_CORE
+    allowed |= {p.stem for p in (REPO / "tests").glob("*.py")}
+    found = []
+    for file in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.parse(file.read_text()).body:  # module level only; imports inside a test run when it runs
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            found += [f"{file.name}:{node.lineno} imports {r}" for r in roots if r not in allowed]
+    assert not found, "; ".join(found)

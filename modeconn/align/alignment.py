@@ -7,6 +7,7 @@ the same function as B; only its position in parameter space changes (next to A'
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,8 +26,8 @@ class Alignment:
     ``perms``: ``{group: LongTensor}``, new unit ``i`` of group ``g`` is B's old unit ``perms[g][i]``;
     ``objective``: the matching objective before matching and after every sweep (weight matching: the summed
     inner products of A's and permuted B's parameters; activation matching: the summed correlations of
-    matched units); ``fraction_permuted``: the share of the model's parameters (by count) that some group
-    permutes; ``seconds``: wall time; ``info``: method-specific facts (sweeps, time split, ...).
+    matched units); ``fraction_permuted``: the share of the model's parameter entries whose unit axes
+    are all permuted (:meth:`~modeconn.units.UnitSpec.coverage`); ``seconds``: wall time; ``info``: method-specific facts (sweeps, time split, ...).
     """
 
     method: str
@@ -51,14 +52,26 @@ class Alignment:
                 **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list))}}
 
 
+#: the share of weight entries a spec may leave unaligned before alignment warns
+UNALIGNED_WARNING = 0.05
+
+
 def resolve_spec(model: nn.Module, spec: UnitSpec | None, example_input) -> UnitSpec:
-    """``spec`` as given, or the one :func:`modeconn.units.infer` traces on ``example_input``."""
-    if spec is not None:
-        return spec
-    if example_input is None:
-        raise ValueError("alignment needs the model's unit spec: pass spec=modeconn.units.infer(model, x) or "
-                         "example_input=x (a small batch of inputs) so it can be inferred")
-    return infer(model, example_input)
+    """``spec`` as given, or the one :func:`modeconn.units.infer` traces on ``example_input``; warns (naming
+    the layers) when the spec leaves more than 5% of the weight entries unaligned."""
+    if spec is None:
+        if example_input is None:
+            raise ValueError("alignment needs the model's unit spec: pass spec=modeconn.units.infer(model, x) or "
+                             "example_input=x (a small batch of inputs) so it can be inferred")
+        spec = infer(model, example_input)
+    left = 1.0 - spec.coverage(model)
+    if left > UNALIGNED_WARNING:
+        layers = spec.unaligned_layers(model)
+        named = ", ".join(map(repr, layers[:8])) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        warnings.warn(f"the unit spec leaves {100 * left:.1f}% of the weights unaligned (units it cannot permute), "
+                      f"in {named}; alignment cannot move them and may change little (spec.skipped says why)",
+                      UserWarning, stacklevel=3)
+    return spec
 
 
 def check_states(model: nn.Module, spec: UnitSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
@@ -73,11 +86,8 @@ def check_states(model: nn.Module, spec: UnitSpec, theta_a: Mapping[str, Tensor]
 
 
 def fraction_permuted(model: nn.Module, spec: UnitSpec) -> float:
-    """Share of ``model``'s parameter entries that lie in a tensor some unit group permutes."""
-    keys = spec.keys()
-    params = dict(model.named_parameters())
-    total = sum(p.numel() for p in params.values())
-    return sum(p.numel() for k, p in params.items() if k in keys) / max(total, 1)
+    """Share of ``model``'s parameter entries whose unit axes are all permuted (:meth:`UnitSpec.coverage`)."""
+    return spec.coverage(model)
 
 
 def module_of(key: str) -> str:

@@ -76,6 +76,24 @@ def _channel_stats(y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return cols.mean(0), cols.std(0, unbiased=False)
 
 
+def repair_sites(net: nn.Module, spec: UnitSpec) -> list[str]:
+    """The modules whose outputs REPAIR corrects: each hidden layer, or the norm it feeds directly."""
+    layers = _producing_layers(net, spec)
+    norms = _followed_by_norm(net, layers)
+    return [norms.get(name, name) for name in layers]
+
+
+def only_batchnorm(model: nn.Module, example: Tensor, spec: UnitSpec | None = None) -> bool:
+    """Whether every site REPAIR would correct is a BatchNorm (e.g. torchvision's ResNets; not VGG-BN with
+    hidden Linear layers, nor a pre-activation ResNet). There REPAIR only sets each BatchNorm's affine to
+    the endpoints' interpolated output statistics, which on the straight line is the interpolated affine
+    the point already has (up to BatchNorm's eps), while the evaluator recomputes the statistics at every
+    point anyway: the REPAIR pass is then redundant."""
+    net = copy.deepcopy(model).eval()
+    sites = repair_sites(net, spec if spec is not None else infer(net, example))
+    return bool(sites) and all(isinstance(net.get_submodule(s), _BatchNorm) for s in sites)
+
+
 class RepairedPath(Path):
     """``inner`` with REPAIR applied at every interior t (see the module docstring)."""
 
@@ -91,9 +109,7 @@ class RepairedPath(Path):
         self.net.to(dev)
         self.inputs = inputs.to(dev)
         self.spec = spec if spec is not None else infer(self.net, self.inputs[:2])
-        layers = _producing_layers(self.net, self.spec)
-        bn = _followed_by_norm(self.net, layers)
-        self.sites = [bn.get(name, name) for name in layers]
+        self.sites = repair_sites(self.net, self.spec)
         self.stats_a, order = self._run(start)
         self.stats_b, _ = self._run(inner(1.0))
         self.sites = order  # forward order

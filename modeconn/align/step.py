@@ -1,8 +1,9 @@
-"""The run's alignment step: ``align=none|weights|activations`` and ``align.repair``.
+"""The run's alignment step: ``align=none|weights|activations|auto`` and ``align.repair``.
 
 theta_B is aligned once; every selected path is then built twice (or three times), from the endpoints as
 trained (row ``<path>``), to the aligned theta_B (``<path> (aligned)``) and, with ``repair: true``, with
-REPAIR on top (``<path> (aligned+REPAIR)``; ``<path> (REPAIR)`` when nothing is aligned).
+REPAIR on top (``<path> (aligned+REPAIR)``; ``<path> (REPAIR)`` when nothing is aligned). On a network whose
+REPAIR sites are all BatchNorms the REPAIR rows are skipped with a one-line notice (see ``only_batchnorm``).
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from modeconn.align.activations import activation_matching
 from modeconn.align.alignment import Alignment
-from modeconn.align.repair import repair
+from modeconn.align.auto import auto_matching
+from modeconn.align.repair import only_batchnorm, repair
 from modeconn.align.weights import weight_matching
 from modeconn.data import example_input
 
 log = logging.getLogger("modeconn")
 
-METHODS = ("none", "weights", "activations")
+METHODS = ("none", "weights", "activations", "auto")
 OPTIONS = {"method": None, "repair": False, "max_iter": 100, "max_items": 2048}
 
 
@@ -47,6 +49,10 @@ def align_endpoints(options: Mapping | None, ctx) -> Alignment | None:
                              max_iter=opts["max_iter"], seed=ctx.seed, device=ctx.device)
     elif opts["method"] == "activations":
         al = activation_matching(ctx.model, ctx.theta_a, ctx.theta_b, ctx.data, max_items=opts["max_items"])
+    elif opts["method"] == "auto":  # both matchers; the lower midpoint loss wins
+        al = auto_matching(ctx.model, ctx.theta_a, ctx.theta_b, ctx.data, max_iter=opts["max_iter"],
+                           max_items=opts["max_items"], seed=ctx.seed, device=ctx.device)
+        log.info("%s", _auto_sentence(al.summary()).strip())
     else:
         return None
     log.info("alignment (%s): objective %.6g -> %.6g, %d of %d units moved, %.1f s", al.method, al.objective[0],
@@ -58,6 +64,11 @@ def path_variants(paths: Iterable, ctx, options: Mapping | None, alignment: Alig
     """``(name, options, label, context, finish)`` for every configured path and each of its variants:
     build path ``name`` in ``context``, pass it through ``finish`` and report it as ``label``."""
     opts = check_options(options)
+    if opts["repair"] and only_batchnorm(ctx.model, example_input(ctx.data).to(ctx.device)):
+        log.warning("align.repair skipped: every unit REPAIR would correct feeds a BatchNorm, whose statistics the "
+                    "evaluator recomputes at every point; REPAIR would change only the BatchNorm affine parameters "
+                    "(on the straight line by about BatchNorm's eps) and double the evaluation time")
+        opts["repair"] = False
     keep: Callable = lambda path: path  # noqa: E731
     fix: Callable = lambda path: repair(path, ctx.model, ctx.data, max_items=opts["max_items"])  # noqa: E731
     for name, path_options in paths:
@@ -83,5 +94,17 @@ def report_lines(summary: Mapping) -> list[str]:
     return ["", "## Alignment", "",
             f"theta_B permuted into theta_A's unit order by {what}: objective {al['objective'][0]:.6g} -> "
             f"{al['objective'][-1]:.6g}{sweeps}; {al['units_moved']} of {al['units']} units in {al['groups']} "
-            f"groups moved; {100 * al['fraction_permuted']:.1f}% of the parameters are permuted; "
-            f"{al['seconds']:.2f} s. Rows \"(aligned)\" run to the aligned theta_B (same function as theta_B)."]
+            f"groups moved; {100 * al['fraction_permuted']:.1f}% of the parameter entries have every unit axis permuted; "
+            f"{al['seconds']:.2f} s. Rows \"(aligned)\" run to the aligned theta_B (same function as theta_B)."
+            + _auto_sentence(al)]
+
+
+def _auto_sentence(al: Mapping) -> str:
+    """align=auto's comparison, for the report (empty for a plain method)."""
+    if not al.get("auto"):
+        return ""
+    if "midpoint_loss_activations" not in al:
+        return " align=auto: no data, so only weight matching ran."
+    return (f" align=auto ran both matchers and kept {al['kept']} matching, the lower midpoint (t = 0.5) train "
+            f"loss of the aligned line: weight matching {al['midpoint_loss_weights']:.4f}, activation matching "
+            f"{al['midpoint_loss_activations']:.4f} (naive line {al['midpoint_loss_naive']:.4f}).")

@@ -129,6 +129,8 @@ def weight_matching(model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Ma
     never decreases: a step is taken only when it raises the objective).
     """
     started = time.perf_counter()
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1 (sweeps over the layers); got {max_iter!r}")
     spec = resolve_spec(model, spec, example_input)
     check_states(model, spec, theta_a, theta_b)
     params = {k for k, _ in model.named_parameters()}

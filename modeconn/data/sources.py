@@ -1,5 +1,5 @@
 """The bundled data sources by name (``load``): scikit-learn's digits, a synthetic set, the MNIST subset and
-torchvision's sets, each returned as a :class:`~modeconn.data.dataset.Dataset` of whole tensors."""
+torchvision's sets, the user's image folder (``folder``) or tensor file (``tensors``), each returned as a :class:`~modeconn.data.dataset.Dataset` of whole tensors."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ _TORCHVISION = {
     "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
     "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
 }
-NAMES = ("digits", "synthetic", "mnist_subset", *_TORCHVISION)
+NAMES = ("digits", "synthetic", "mnist_subset", *_TORCHVISION, "folder", "tensors")
 
 
 
@@ -35,6 +35,14 @@ def load(name: str = "digits", root: str | os.PathLike | None = None, download: 
         data = load_mnist_subset(root, **kw)
     elif key in _TORCHVISION:
         data = _load_torchvision(key, root, download, **kw)
+    elif key == "folder":  # the user's images: root/train/<class>/..., root/test/<class>/...
+        from modeconn.data.folder import load_folder
+
+        data = load_folder(root, **kw)
+    elif key == "tensors":  # the user's arrays: a .pt or .npz file (data.path)
+        from modeconn.data.tensors import load_tensors
+
+        data = load_tensors(**kw)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
     return data.to(device)

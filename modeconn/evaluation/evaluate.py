@@ -17,20 +17,23 @@ from pathlib import Path as FilePath
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from modeconn.evaluation.barriers import barriers
-from modeconn.params.batchnorm import STATISTICS_BATCH, has_batchnorm, load_point
+from modeconn.params.batchnorm import STATISTICS_BATCH, has_batchnorm
 from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json
 from modeconn.params.checks import check_model_data, check_times
 from modeconn.data import Dataset, materialize, resolve_device
 from modeconn.params.path import Path
-from modeconn.evaluation.stacked import (MIN_ROWS, StackedModel, batch_rows, is_convolutional, point_chunk, segment_of,
-                              stackable, widest_activation)
+from modeconn.evaluation.scoring import score
+from modeconn.evaluation.sequential import SequentialStack, sequential_layers, sequential_plan
+from modeconn.evaluation.single import PointModel, profile_point
+from modeconn.evaluation.stacked import (MIN_ROWS, StackedModel, batch_rows, budgets, is_convolutional, point_chunk,
+                                         segment_of, stackable, widest_activation)
 
 SPLITS = ("train", "test")
+Stack = StackedModel | SequentialStack
 METRICS = ("loss", "error")
 
 
@@ -113,16 +116,8 @@ def _split_tensors(data, test_data, max_items: int | None, device: torch.device)
     return splits
 
 
-def _accumulate(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy and summed errors per point; logits are [points, batch, classes]."""
-    p, b, c = logits.shape
-    loss = F.cross_entropy(logits.reshape(p * b, c).float(), y.repeat(p), reduction="none").view(p, b)
-    wrong = (logits.argmax(-1) != y.unsqueeze(0)).view(p, b)
-    return loss.double().sum(1), wrong.double().sum(1)
-
-
 @torch.no_grad()
-def _profile_batched(stacked: StackedModel, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+def _profile_batched(stacked: Stack, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
     """Mean loss and error of every point of the chunk loaded in ``stacked``, about ``batch_size``
     examples a batch (batches of equal size)."""
     n_points = len(stacked.ts)
@@ -131,28 +126,21 @@ def _profile_batched(stacked: StackedModel, x: Tensor, y: Tensor, batch_size: in
     n_batches = max(1, -(-len(x) // batch_size))
     rows = -(-len(x) // n_batches) if len(x) else batch_size
     for start in range(0, len(x), rows):
-        l, w = _accumulate(stacked.logits(x[start : start + rows]), y[start : start + rows])
+        l, w = score(stacked.logits(x[start : start + rows]), y[start : start + rows])
         loss += l
         wrong += w
     return loss / len(x), wrong / len(x)
 
 
-@torch.no_grad()
-def _profile_point(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
-    loss = wrong = 0.0
-    for start in range(0, len(x), batch_size):
-        l, w = _accumulate(model(x[start : start + batch_size]).unsqueeze(0), y[start : start + batch_size])
-        loss += float(l)
-        wrong += float(w)
-    return loss / len(x), wrong / len(x)
+_profile_point = profile_point  # the one-point scorer (tests compare the evaluator's numbers with it)
 
 
 def _chunk_size(model: nn.Module, n_points: int, x: Tensor, bn_inputs: Tensor | None, widest: int,
                 device: torch.device) -> int:
-    """Points evaluated together by the batched evaluation (see :func:`modeconn.evaluation.stacked.point_chunk`): room
-    is left for a data batch of ``MIN_ROWS`` examples and, with BatchNorm, for a statistics batch. One at a
-    time for convolutional models on a CPU, where a vmapped convolution (a grouped one) is slower than one
-    model at a time."""
+    """Points evaluated together by the vmapped evaluation (see :func:`modeconn.evaluation.stacked.point_chunk`):
+    room is left for a data batch of ``MIN_ROWS`` examples and, with BatchNorm, for a statistics batch. One
+    at a time for convolutional models on a CPU, where a vmapped convolution (a grouped one) is slower than
+    one model at a time."""
     if device.type == "cpu" and is_convolutional(model):
         return 1
     rows = min(len(x), MIN_ROWS)
@@ -161,24 +149,23 @@ def _chunk_size(model: nn.Module, n_points: int, x: Tensor, bn_inputs: Tensor | 
     return point_chunk(n_points, sum(p.numel() for p in model.parameters()), widest, rows, device)
 
 
-def _evaluate_chunk(model: nn.Module, stacked: StackedModel | None, ts: list[float], points: dict[str, Tensor],
-                    splits: dict[str, tuple[Tensor, Tensor]], bn_inputs: Tensor | None, batch_size: int,
-                    widest: int | None) -> dict[str, list[float]]:
+def _evaluate_chunk(single: PointModel | None, stacked: Stack | None, ts: list[float], points: dict[str, Tensor],
+                    splits: dict[str, tuple[Tensor, Tensor]], bn_inputs: Tensor | None,
+                    rows_of) -> dict[str, list[float]]:
     """Loss and error of every split at the points of one chunk: through ``stacked`` all together, or
-    (``stacked`` None, one point) a copy of ``model`` holding the point."""
+    (``stacked`` None, one point) the private copy ``single``. ``rows_of(n_items)``: examples a batch."""
     out: dict[str, list[float]] = {}
     if stacked is None:
-        point = load_point(model, {k: v[0] for k, v in points.items()}, bn_inputs)
+        single.load({k: v[0] for k, v in points.items()}, bn_inputs)
     else:
         stacked.load(ts, points)
         if bn_inputs is not None:
             stacked.statistics(bn_inputs)
     for split, (x, y) in splits.items():
-        rows = batch_size if widest is None else batch_rows(len(ts), len(x), batch_size, widest, x.device)
         if stacked is None:
-            loss, err = ([v] for v in _profile_point(point, x, y, rows))
+            loss, err = ([v] for v in single.profile(x, y, rows_of(len(x))))
         else:
-            loss, err = (v.tolist() for v in _profile_batched(stacked, x, y, rows))
+            loss, err = (v.tolist() for v in _profile_batched(stacked, x, y, rows_of(len(x))))
         out[f"{split}_loss"], out[f"{split}_error"] = loss, err
     return out
 
@@ -190,6 +177,26 @@ def _param_names(model: nn.Module, path: Path) -> list[str]:
     if missing:
         raise KeyError(f"the path does not cover the model's parameters {missing[:5]}: was it built for another model?")
     return names
+
+
+def _plan(model: nn.Module, path: Path, n_points: int, splits: dict[str, tuple[Tensor, Tensor]],
+          bn_inputs: Tensor | None, batched: bool, chunk: int | None, batch_size: int, dev: torch.device):
+    """How to evaluate: (points a chunk, a factory of the stacked evaluator or None, ``rows_of(n_items,
+    n_points)``: examples a data batch). A plain MLP goes through :class:`SequentialStack`, another model
+    that keeps running statistics through the vmapped :class:`StackedModel`; ``batched=False`` (or a
+    BatchNorm without running statistics) one point at a time, ``batch_size`` examples a batch."""
+    x = splits["train"][0]
+    if not batched or not stackable(model):
+        return 1, None, lambda n, c: batch_size
+    layers = sequential_layers(model, x)
+    if layers is not None:
+        n_items = max(len(v[0]) for v in splits.values())
+        planned, rows = sequential_plan(layers, n_points, sum(p.numel() for p in model.parameters()), n_items,
+                                        bn_inputs is not None, batch_size, dev)
+        return chunk or planned, lambda: SequentialStack(model, path, x, layers), lambda n, c: rows
+    widest = widest_activation(model, x)
+    chunk = chunk or _chunk_size(model, n_points, x, bn_inputs, widest, dev)
+    return chunk, lambda: StackedModel(model, path, x), lambda n, c: batch_rows(c, n, batch_size, widest, dev)
 
 
 def evaluate_path(
@@ -222,6 +229,11 @@ def evaluate_path(
     started = time.perf_counter()
     model = path.model if path.model is not None else model
     check_times(num_points, ts)  # the grid and the data are checked before anything is evaluated
+    for key, value, low in (("batch_size", batch_size, 1), ("bn_items", bn_items, 1), ("point_chunk", point_chunk, 1),
+                            ("max_items", max_items, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{key} must be an integer >= {low}" + (" or None" if key in ("point_chunk", "max_items")
+                             else "") + f"; got {value!r}")
     check_model_data(model, train_data, "train_data")
     check_model_data(model, test_data, "test_data")
     dev = resolve_device(device)
@@ -231,35 +243,40 @@ def evaluate_path(
     splits = _split_tensors(train_data, test_data, max_items, dev)
     metrics = {f"{s}_{m}": [] for s in splits for m in METRICS}
     bn_inputs = splits["train"][0][:bn_items] if has_batchnorm(model) else None
-    widest = widest_activation(model, splits["train"][0]) if batched else None
-    chunk = 1  # one point at a time: the reference, and for BatchNorm layers that keep no running statistics
-    if batched and stackable(model):
-        chunk = point_chunk or _chunk_size(model, len(times), splits["train"][0], bn_inputs, widest, dev)
-    stacked: StackedModel | None = None
+    chunk, make_stack, rows_of = _plan(model, path, len(times), splits, bn_inputs, batched, point_chunk, batch_size, dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    fetch = max(chunk, budgets(dev).parameters // max(1, n_params))  # points taken from the path at once
+    single = PointModel(model, names) if chunk == 1 or make_stack is None else None
+    stacked: Stack | None = None
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None
     bar = tqdm(total=len(times), desc=f"eval {name or path.name}", disable=not progress, leave=False)
-    start = 0
-    while start < len(times):
-        chunk_ts = times[start : start + chunk]
-        points = {k: v.to(dev) for k, v in path.points(chunk_ts).items() if k in names}
-        if chunk > 1 and stacked is None:
-            stacked = StackedModel(model, path, splits["train"][0])
-        try:
-            values = _evaluate_chunk(model, stacked if chunk > 1 else None, chunk_ts, points, splits, bn_inputs,
-                                     batch_size, widest)
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk //= 2  # the budget was not enough on this device: fewer points at a time, never a failure
-            torch.cuda.empty_cache()
-            continue
-        for key, v in values.items():
-            metrics[key].extend(v)
-        steps.extend(_steps(points, names, previous))
-        previous = {k: points[k][-1:].clone() for k in names}
-        start += len(chunk_ts)
-        bar.update(len(chunk_ts))
+    for block in range(0, len(times), fetch):
+        block_ts = times[block : block + fetch]
+        block_points = {k: v.to(dev) for k, v in path.points(block_ts).items() if k in names}
+        steps.extend(_steps(block_points, names, previous))
+        previous = {k: block_points[k][-1:].clone() for k in names}
+        start = 0
+        while start < len(block_ts):
+            chunk_ts = block_ts[start : start + chunk]
+            points = {k: v[start : start + len(chunk_ts)] for k, v in block_points.items()}
+            if chunk > 1 and stacked is None:
+                stacked = make_stack()
+            if chunk == 1 and single is None:
+                single = PointModel(model, names)
+            try:
+                values = _evaluate_chunk(single, stacked if chunk > 1 else None, chunk_ts, points, splits, bn_inputs,
+                                         lambda n, c=len(chunk_ts): rows_of(n, c))
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk //= 2  # the budget was not enough on this device: fewer points at a time, never a failure
+                torch.cuda.empty_cache()
+                continue
+            for key, v in values.items():
+                metrics[key].extend(v)
+            start += len(chunk_ts)
+            bar.update(len(chunk_ts))
     bar.close()
     steps = [0.0] + steps
     segments = [segment_of(path.knots, t) for t in times]

@@ -183,6 +183,8 @@ def first_layer(model: nn.Module, x: Tensor) -> tuple[str, tuple[int, ...]] | No
     if not owners:
         return None
     name, layer, args = owners[0]
+    if not name:  # the model is one layer (a user's bare nn.Linear): no first layer to share apart from it
+        return None
     if type(layer) not in LINEAR_IN_WEIGHTS or sum(m is layer for _, m, _ in calls) != 1:
         return None
     ids = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
@@ -214,20 +216,21 @@ class _SharedFirstLayer:
             out.append((i, 1.0 if hi <= lo else min(max((t - lo) / (hi - lo), 0.0), 1.0)))
         return out
 
-    def outputs(self, ts: Sequence[float], points: State, x: Tensor) -> Tensor:
-        """The layer's outputs at every t of a chunk on inputs ``x``: [len(ts), len(x), ...]. Interpolated
-        between the waypoints' outputs when the chunk has more points than waypoints, else computed from
-        the points' own parameters (``points``)."""
+    def outputs(self, ts: Sequence[float], points: State, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """The layer's outputs at every t of a chunk on inputs ``x``: [len(ts), len(x), ...] (written into
+        ``out`` when given). Interpolated between the waypoints' outputs when the chunk has more points than
+        waypoints, else computed from the points' own parameters (``points``)."""
         inp = x.reshape(len(x), *self.input_shape)
         segs = self.segments(ts)
         if len({i for i, _ in segs}) + 1 >= len(ts):
             own = {n: points[k] for k, n in self.keys.items()}
-            return vmap(lambda p: functional_call(self.layer, p, (inp,)))(own)
+            value = vmap(lambda p: functional_call(self.layer, p, (inp,)))(own)
+            return value if out is None else out.copy_(value)
         at: dict[int, Tensor] = {}
         for w in sorted({j for i, _ in segs for j in (i, i + 1)}):
             at[w] = functional_call(self.layer, self.ends[w], (inp,))
         first = next(iter(at.values()))
-        out = first.new_empty(len(ts), *first.shape)
+        out = first.new_empty(len(ts), *first.shape) if out is None else out
         start = 0
         while start < len(segs):  # a run of points in one segment: one interpolation into its slice
             i, stop = segs[start][0], start

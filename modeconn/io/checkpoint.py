@@ -16,6 +16,7 @@ Restrict it with ``keys=`` or ``parameters_only=True`` for parameter-only compar
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -31,6 +32,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from modeconn.io.jsonfile import MissingFileError, UnreadableFileError, read_json
+from modeconn.io.state_formats import (PICKLE_STAND_INS, explain_mismatch, is_safetensors, log_notes, match_prefixes,
+                                       read_safetensors, unwrap)
 
 __all__ = [
     "CheckpointMismatchError",
@@ -56,12 +61,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's state dict does not fit the model it is meant for."""
 
 
-class UnreadableFileError(ValueError):
-    """A file modeconn reads is missing, truncated, corrupt, or holds more than weights (a pickle payload)."""
-
-
-class MissingFileError(UnreadableFileError, FileNotFoundError):
-    """A file modeconn reads does not exist (both an ``UnreadableFileError`` and a ``FileNotFoundError``)."""
+# UnreadableFileError, MissingFileError: defined with the JSON/YAML readers (modeconn.io.jsonfile)
 
 
 # --------------------------------------------------------------------------- safe reading
@@ -96,13 +96,18 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: A
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
             raise UnreadableFileError(f"{what} {path} is truncated or corrupt (an incomplete archive){hint}")
+    elif is_safetensors(head):  # tensors only by construction; read by the safetensors package
+        try:
+            return read_safetensors(path)
+        except (ImportError, ValueError) as e:
+            raise UnreadableFileError(f"{what}: {e}{hint}") from None
     elif not head.startswith(_LEGACY_MAGIC):
         kind = ("a plain Python pickle, not a PyTorch file (refused: unpickling it could run code)"
                 if head[0] == _PICKLE_PROTOCOL else "not a PyTorch file (random bytes or another format)")
         raise UnreadableFileError(f"{what} {path} is {kind}{hint}")
     try:
-        with warnings.catch_warnings():  # e.g. torch's note on an unusual pickle protocol
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals(PICKLE_STAND_INS):  # Lightning's hparams
+            warnings.simplefilter("ignore")  # e.g. torch's note on an unusual pickle protocol
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = _GLOBAL.search(str(e))
@@ -222,13 +227,21 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|failed writing", re.IGNORECASE)
+
+
 def _atomic_write(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos" / "write failed"
+                if not _WRITE_FAILED.search(str(e)):
+                    raise
+                raise OSError(errno.ENOSPC, "No space left on device (the previous file is kept)", str(path)) from None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should be readable like any other
@@ -331,24 +344,18 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, Any], meta
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:
-    """The sidecar of checkpoint ``path`` as a dict, or ``None`` when there is none."""
+    """The sidecar of checkpoint ``path`` as a dict, or ``None`` when there is none (its values of the wrong
+    type, e.g. ``{"metrics": 5}``, are an :class:`UnreadableFileError` naming the sidecar)."""
     side = sidecar_path(path)
-    try:
-        text = side.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not side.exists():
         return None
-    except UnicodeDecodeError:
-        raise UnreadableFileError(f"checkpoint sidecar {side} is not text (random bytes or another format); "
-                                  f"delete it and {Path(path).name} to start that step over") from None
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UnreadableFileError(f"checkpoint sidecar {side} is not valid JSON ({e}); delete it and "
-                                  f"{Path(path).name} to start that step over") from None
-    if not isinstance(meta, dict):
-        raise UnreadableFileError(f"checkpoint sidecar {side} holds a JSON {type(meta).__name__}, not an object; "
-                                  f"delete it and {Path(path).name} to start that step over")
-    return meta
+    return read_json(side, "checkpoint sidecar", SIDECAR_SHAPE,
+                     hint=f"delete it and {Path(path).name} to start that step over")
+
+
+# what a sidecar's values must be where modeconn reads them (other keys are the caller's own)
+SIDECAR_SHAPE = {"finished": bool, "seed": (int, type(None)), "config": dict, "metrics": {str: (int, float, type(None))},
+                 "identity": dict, "fingerprint": {"digest": str, "shapes": {str: [int]}}}
 
 
 def load_checkpoint(
@@ -358,20 +365,23 @@ def load_checkpoint(
 ) -> tuple[dict, dict]:
     """Read checkpoint ``path``: ``(state_dict, meta)`` (``meta`` is ``{}`` without a sidecar).
 
-    Loads with ``torch.load(weights_only=True)``. With ``model``, the checkpoint's fingerprint is
-    compared to the model's (parameters and buffers) and ``CheckpointMismatchError`` names the
+    Loads with :func:`safe_load` (weights-only; ``.safetensors`` too) and takes the state dict out of the
+    formats of :mod:`modeconn.io.state_formats` (wrappers, Lightning; with ``model``, DDP / Lightning /
+    torch.compile prefixes when the stripped keys are exactly the model's). With ``model``, the fingerprint
+    is compared to the model's (parameters and buffers) and ``CheckpointMismatchError`` names the
     differences; the state is *not* loaded into the model (call ``model.load_state_dict``).
     """
     path = Path(path)
-    state = safe_load(path, "checkpoint", map_location=map_location)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {path} does not hold a state dict (got {type(state).__name__})")
+    state, notes = unwrap(safe_load(path, "checkpoint", map_location=map_location), f"checkpoint {path}")
     meta = read_meta(path) or {}
     if model is not None:
-        expected, got = fingerprint(model), fingerprint(state)
-        if expected["digest"] != got["digest"]:
-            detail = describe_mismatch(expected, got) or "fingerprints differ"
+        expected = fingerprint(model)
+        state, stripped = match_prefixes(state, expected["shapes"])
+        if fingerprint(state)["digest"] != expected["digest"]:
+            shown, hint = explain_mismatch(state, expected["shapes"], stripped)
+            detail = describe_mismatch(expected, shown) or "fingerprints differ"
             raise CheckpointMismatchError(
-                f"checkpoint {path} was made for a different architecture than the config's model: {detail}"
-            )
-    return dict(state), meta
+                f"checkpoint {path} was made for a different architecture than the config's model: {detail}{hint}")
+        notes += stripped
+    log_notes(path, notes)
+    return state, meta

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from modeconn.io.jsonfile import read_json, read_yaml
 from modeconn.io.options import ConfigError, to_container
 
 PROVENANCE_FILE = "provenance.json"
@@ -74,12 +75,34 @@ def result_config(cfg) -> dict:
     return {k: v for k, v in to_container(cfg).items() if k not in NOT_COMPARED}
 
 
-def _read_json(file: Path, what: str) -> dict:
+# what modeconn reads from a run's JSON files must have these shapes (modeconn.io.jsonfile.check_shape)
+NUMBER_OR_NULL = (int, float, type(None))
+PROVENANCE_SHAPE = {"torch": str, "device": str, "threads": int}
+SUMMARY_SHAPE = {
+    "name": (str, type(None)), "finished": bool, "seconds": NUMBER_OR_NULL, "provenance": dict,
+    "endpoints": [{"file": (str, type(None)), "sha256": (str, type(None)), "seed": (int, type(None)),
+                   "metrics": {str: NUMBER_OR_NULL}}],
+    "paths": {str: {"barriers": {str: {str: NUMBER_OR_NULL}}, "bound": NUMBER_OR_NULL}},
+}
+
+
+def _read_json(file: Path, what: str, shape=dict) -> dict:
+    return read_json(file, what, shape, hint=f"delete the run directory {file.parent} to start the run over")
+
+
+def endpoint_file(out_dir: Path, recorded: str) -> Path:
+    """An endpoint file as a summary records it: relative to the run directory (its own files, so a copied
+    or moved run checks its own copies), or absolute (``endpoints=[...]`` given from elsewhere)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else out_dir / path
+
+
+def relative_file(out_dir: Path, file: str | Path) -> str:
+    """``file`` relative to ``out_dir`` when it lies inside it, else as given (for summary.json)."""
     try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{what} {file} cannot be read ({e}); delete the run directory {file.parent} "
-                          "to start the run over") from None
+        return str(Path(file).resolve().relative_to(out_dir.resolve()))
+    except ValueError:
+        return str(file)
 
 
 def _provenance_change(old: Mapping, new: Mapping) -> list[str]:
@@ -105,15 +128,13 @@ def check_existing(cfg: DictConfig, out_dir: Path, prov: Mapping) -> dict | None
     if not summary_file.exists():
         started = out_dir / PROVENANCE_FILE
         if started.exists():
-            check_provenance(out_dir, _read_json(started, "provenance file"), prov, allow, finished=False)
+            check_provenance(out_dir, _read_json(started, "provenance file", PROVENANCE_SHAPE), prov, allow,
+                             finished=False)
         return None
-    summary = _read_json(summary_file, "summary")
+    summary = _read_json(summary_file, "summary", SUMMARY_SHAPE)
     config_file = out_dir / "config.yaml"
     if config_file.exists():
-        try:
-            stored = OmegaConf.load(config_file)
-        except Exception as e:  # noqa: BLE001 - any YAML error
-            raise ConfigError(f"run config {config_file} cannot be read ({e}); choose a new run directory") from None
+        stored = read_yaml(config_file, "run config", hint="choose a new run directory")
         if result_config(stored) != result_config(cfg):
             raise ConfigError(f"{out_dir} holds a finished run made with another config; choose a new run "
                               "directory (hydra.run.dir / hydra.sweep.dir) instead of overwriting it")
@@ -121,6 +142,7 @@ def check_existing(cfg: DictConfig, out_dir: Path, prov: Mapping) -> dict | None
         file, digest = end.get("file"), end.get("sha256")
         if file is None or digest is None:
             continue
+        file = endpoint_file(out_dir, file)
         if not Path(file).is_file():
             raise ConfigError(f"{out_dir} is finished, but its endpoint file {file} is gone; its results cannot "
                               "be vouched for: choose a new run directory")

@@ -215,7 +215,7 @@ def check_model_data(model: nn.Module, data: Any, what: str = "data") -> None:
     try:
         with _in_eval_mode(model):
             out = model(x)
-    except (RuntimeError, ValueError, TypeError) as err:
+    except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # torch._assert: e.g. a ViT's image size
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{what}: inputs of shape (N, {', '.join(map(str, x.shape[1:]))}) do not fit the model, "
                          f"which expects {expected_input(model)} ({reason})") from None

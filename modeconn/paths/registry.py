@@ -43,15 +43,16 @@ class PathContext:
     def extras(self, name: str, accepted: Mapping) -> dict:
         """Run-level arguments a constructor accepts (``accepted``: its parameters), unless the config sets
         them; the unit spec is inferred only when one asks for it."""
-        out = {"checkpoint_path": self.work_dir / f"{name}.pt", "device": self.device, "progress": self.progress,
-               "max_items": self.max_items, "seed": self.seed}
+        out = {"checkpoint_path": self.work_dir / f"{name}.pt", "resume": self.work_dir / f"{name}.pt",
+               "device": self.device, "progress": self.progress, "max_items": self.max_items, "seed": self.seed}
         out = {k: v for k, v in out.items() if k in accepted}
         if "spec" in accepted:
             out["spec"] = self.spec
         return out
 
 
-CONTEXT_KEYS = ("model", "theta_a", "theta_b", "data", "checkpoint_path", "device", "progress", "max_items", "spec")
+CONTEXT_KEYS = ("model", "theta_a", "theta_b", "data", "checkpoint_path", "resume", "device", "progress", "max_items",
+                "spec", "callback")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Builder:
     attr: str
     reserved: tuple[str, ...] = CONTEXT_KEYS
     check: str | None = None     # the module's option check, called with every option (see check_options)
+    needs_chain: bool = False    # the construction needs a plain chain of hidden layers (Kuditipudi et al.)
 
     @property
     def function(self) -> Callable:
@@ -89,11 +91,12 @@ class Builder:
 
 BUILDERS: dict[str, Builder] = {
     "linear": Builder("modeconn.params.path", "linear_path"),
-    "dropout": Builder("modeconn.paths.dropout", "dropout_path", check="check_dropout_options"),
-    "noise": Builder("modeconn.paths.noise", "noise_path", check="check_noise_options"),
-    "narrow": Builder("modeconn.paths.narrow", "narrow_path", check="check_narrow_options"),
+    "dropout": Builder("modeconn.paths.dropout", "dropout_path", check="check_dropout_options", needs_chain=True),
+    "noise": Builder("modeconn.paths.noise", "noise_path", check="check_noise_options", needs_chain=True),
+    "narrow": Builder("modeconn.paths.narrow", "narrow_path", check="check_narrow_options", needs_chain=True),
     "bezier": Builder("modeconn.paths.curve_fit", "fit_curve", check="check_curve_options"),
     "polychain": Builder("modeconn.paths.curve_fit", "fit_curve", check="check_curve_options"),
+    "autoneb": Builder("modeconn.paths.autoneb", "autoneb", check="check_autoneb_options"),
 }
 
 

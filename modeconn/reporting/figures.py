@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path as FilePath
@@ -19,6 +18,7 @@ from modeconn.reporting.plots import plot_paths
 from modeconn.reporting.plots_stability import plot_figure2
 from modeconn.stability.figure2 import pool_figure2
 from modeconn.io.checkpoint import atomic_write_json
+from modeconn.io.jsonfile import UnreadableFileError, read_json
 
 __all__ = ["redraw", "mean_paths"]
 
@@ -39,7 +39,11 @@ def mean_paths(runs: Sequence[FilePath]) -> tuple[list[PathEval], dict[str, dict
     groups: dict[str, list[PathEval]] = defaultdict(list)
     for run in runs:
         for file in sorted((run / "paths").glob("*.json")):
-            ev = PathEval.load(file)
+            read_json(file, "path profile")  # JSON, an object, not nested too deeply (else one error naming it)
+            try:
+                ev = PathEval.load(file)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UnreadableFileError(f"path profile {file} has the wrong shape ({type(e).__name__}: {e})") from None
             groups[ev.name].append(ev)
     means, bands = [], {}
     for name, evs in groups.items():
@@ -63,7 +67,7 @@ def redraw(dirs: Sequence[str | FilePath], out_dir: str | FilePath) -> list[File
     out, written = FilePath(out_dir), []
     fig2_runs = _runs(dirs, "figure2.json")
     if fig2_runs:
-        pooled = pool_figure2([json.loads((r / "figure2.json").read_text()) for r in fig2_runs],
+        pooled = pool_figure2([read_json(r / "figure2.json", "Figure 2 results") for r in fig2_runs],
                               names=[r.name for r in fig2_runs])
         written += [atomic_write_json(out / "figure2.json", pooled),
                     plot_figure2(pooled, out / "figure2.png",

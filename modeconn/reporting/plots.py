@@ -84,7 +84,10 @@ def plot_paths(evals: Sequence[PathEval], out: str | FilePath, title: str | None
                 if panel == LOG_PANEL:
                     lo = np.maximum(lo, vals / 10)
                 ax.fill_between(ts, lo, hi, color=color, alpha=0.2, lw=0)
-            if len(ev.knots) > 2:
+            if ev.info.get("pivots") and metric == "train_loss":  # AutoNEB's pivots (its knots), labelled
+                ax.plot(ev.knots, np.interp(ev.knots, ts, vals), "D", color=color, ms=3.5, mfc="none",
+                        label=f"{ev.name} pivots")
+            elif len(ev.knots) > 2:
                 ax.plot(ev.knots, np.interp(ev.knots, ts, vals), "o", color=color, ms=3)
             if metric == "train_loss" and ev.bound is not None:
                 ax.axhline(ev.bound, color=color, ls="--", lw=1, label=f"{ev.name} bound")

@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path as FilePath
 
 import numpy as np
-from omegaconf import OmegaConf
 
 COLUMNS = ("max", "epsilon", "chord", "mean", "midpoint", "length_weighted_mean")
 
@@ -65,7 +64,9 @@ def run_config(summary_file: FilePath) -> tuple[dict, object]:
     config_file = summary_file.parent / "config.yaml"
     if not config_file.exists():
         return {"run": str(summary_file.parent)}, None
-    flat = _flatten(result_config(OmegaConf.load(config_file)))
+    from modeconn.io.jsonfile import read_yaml
+
+    flat = _flatten(result_config(read_yaml(config_file, "run config")))
     seed = flat.pop("seed", None)
     return {k: v for k, v in flat.items() if k not in GROUP_IGNORED}, seed
 
@@ -87,10 +88,12 @@ def group_runs(files: list[FilePath]) -> list[tuple[dict, list[object], list[dic
 
 
 def _read(file: FilePath) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file} cannot be read as a run summary ({e})") from None
+    """A run summary, of the shape this report reads (else a ValueError naming the file)."""
+    from modeconn.io.jsonfile import read_json
+    from modeconn.io.runrecord import SUMMARY_SHAPE
+
+    return read_json(file, "run summary", {**SUMMARY_SHAPE, "paths": {str: {"barriers": {str: {str: (int, float)}},
+                                                                          "bound": (int, float, type(None))}}})
 
 
 def render_groups(groups: list[tuple[dict, list, list[dict]]], metric: str) -> str:
@@ -139,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures is not None:
         from modeconn.reporting.figures import redraw
 
-        for file in redraw(args.runs, args.figures):
+        try:
+            written = redraw(args.runs, args.figures)
+        except (OSError, ValueError) as e:  # a damaged run file (named), or an unwritable OUT_DIR
+            print(f"modeconn report: error: {e}", file=sys.stderr)
+            return 2
+        for file in written:
             print(f"wrote {file}")
     return 0

@@ -11,7 +11,9 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -19,22 +21,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from modeconn.run.schema import conf_dir
+
 log = logging.getLogger("modeconn")
 
 EXIT_DONE, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 INTERRUPTED = "modeconn: interrupted; rerun the same command to resume"
 
 
-def _conf_dir() -> Path:
-    """The shipped configs: ``modeconn/conf`` in an installed wheel, ``<repo>/conf`` in a source tree."""
-    package = Path(__file__).resolve().parents[1]
-    return package / "conf" if (package / "conf" / "config.yaml").is_file() else package.parent / "conf"
-
-
-CONF_DIR = str(_conf_dir())
+CONF_DIR = conf_dir()  # modeconn/conf in an installed wheel, <repo>/conf in a source tree
 # errno values that mean the environment refused a file operation (bad input, not a bug)
 _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                       errno.EISDIR, errno.EEXIST, errno.ENOENT}
+                       errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -188,18 +186,50 @@ def quote_tilde(arg: str) -> str:
     return f"{match.group(1)}='{match.group(2)}'" if match else arg
 
 
+def _ignore_interrupts() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _first_interrupt(signum, frame) -> None:
+    """Ctrl-C: stop the run (KeyboardInterrupt) and ignore any further Ctrl-C, so a second one pressed while
+    the run shuts down (files being closed, the resume file kept) cannot break in with a traceback."""
+    _ignore_interrupts()
+    raise KeyboardInterrupt
+
+
+def _install_interrupt_handler():
+    """:func:`_first_interrupt` for SIGINT when Python's default is in place (not when the shell made the
+    process ignore it, nor off the main thread); returns the handler to restore, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+    signal.signal(signal.SIGINT, _first_interrupt)
+    return previous
+
+
 def main() -> None:
     """Console entry point: exit 0 done, 2 bad input, 130 interrupted, 1 a bug."""
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from modeconn.reporting.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    landscape = len(sys.argv) > 1 and sys.argv[1] == "landscape"  # many minima: modeconn/run/landscape.py
     sys.argv = [sys.argv[0], *(quote_tilde(a) for a in sys.argv[1:])]
+    handler = _install_interrupt_handler()
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors reach us instead of being printed and exit 1
     try:
+        if landscape:  # its errors and Ctrl-C are handled below, as a run's
+            from modeconn.run.landscape import main as landscape_main
+
+            sys.exit(landscape_main(sys.argv[2:]))
         _run()
     except KeyboardInterrupt:
+        handler = None  # the shutdown is under way: further Ctrl-C stay ignored until the process exits
+        _ignore_interrupts()
         if _debug():
             traceback.print_exc()
         print(INTERRUPTED, file=sys.stderr)
@@ -211,6 +241,8 @@ def main() -> None:
             sys.exit(EXIT_BUG)
         sys.exit(_fail(e))
     finally:
+        if handler is not None:  # a finished or refused run in this process: Ctrl-C as before
+            signal.signal(signal.SIGINT, handler)
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:

@@ -5,9 +5,10 @@ import inspect
 from collections.abc import Mapping
 from pathlib import Path as FilePath
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from modeconn.io.options import ConfigError, check_kwargs, option_error, require, to_container
+from modeconn.run.schema import check_keys, check_values, conf_dir, finite_fraction, finite_numbers
 
 __all__ = ["ConfigError", "validate", "check_kwargs", "option_error", "require", "to_container"]
 
@@ -39,8 +40,28 @@ def _describe_like(default) -> str:
 def check_model(cfg: DictConfig) -> None:
     """``model.*``: known options of the chosen builder, each of the type of the builder's default."""
     from modeconn.models import MODELS
+    from modeconn.models.custom import TARGET, is_target, locate
 
-    options = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
+    if OmegaConf.is_missing(cfg.model, "_target_"):  # model=custom without model._target_=...
+        raise ConfigError("model._target_ must name your network's class or function, e.g. "
+                          "model._target_=torchvision.models.resnet18 +model.num_classes=10")
+    node = to_container(cfg.model)
+    if is_target(node):  # the user's own callable: importable, and its keyword arguments known to it
+        zoo = [k for k in node if k not in (TARGET, "name")] if node.get("name") in MODELS else []
+        require(not zoo, "model._target_", f"set with model=custom (the {node.get('name')} node's options {zoo} are "
+                "not the target's)", node[TARGET])
+        try:
+            fn = locate(node[TARGET])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            check_kwargs("model", {k: v for k, v in node.items() if k not in (TARGET, "name")}, fn)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (model._target_={node[TARGET]}; use model=custom for your own network)") from None
+        except (TypeError, ValueError):  # a builtin without a signature: its own call checks the arguments
+            pass
+        return
+    options = {k: v for k, v in node.items() if k != "name"}
     builder = MODELS[cfg.model.name]
     check_kwargs("model", options, builder, reserved=("input_shape", "num_classes"))
     params = inspect.signature(builder).parameters
@@ -48,6 +69,9 @@ def check_model(cfg: DictConfig) -> None:
         default = params[key].default if key in params else None
         require(default is inspect.Parameter.empty or default is None or _like(default, value), f"model.{key}",
                 _describe_like(default), value)
+        finite_numbers(f"model.{key}", value)  # model.dropout=nan is refused, not run
+        if key.endswith("dropout"):
+            finite_fraction(f"model.{key}", value)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -59,8 +83,11 @@ def validate(cfg: DictConfig) -> None:
 
     to_container(cfg)  # every interpolation resolves (an error names its key)
     require(cfg.data.name in NAMES, "data.name", f"one of {', '.join(NAMES)}", cfg.data.name)
-    require(cfg.model.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", cfg.model.name)
-    require(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "a non-negative integer", cfg.seed)
+    if "_target_" not in cfg.model.keys():  # a zoo model (a target node, set or not, is checked by check_model)
+        require(cfg.model.get("name") in MODELS, "model.name",
+                f"one of {', '.join(MODELS)} (or model=custom model._target_=your.module.Net)", cfg.model.get("name"))
+    check_keys(cfg, conf_dir())  # an added top-level '+key' is refused, not ignored
+    check_values(cfg)  # the value table: seed, threads, progress, eval.*, stability.*, data.* (modeconn.run.schema)
     require(str(cfg.device) == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"), "device",
             "auto, cpu, cuda or cuda:N", cfg.device)
     if str(cfg.device).startswith("cuda"):
@@ -68,27 +95,12 @@ def validate(cfg: DictConfig) -> None:
 
         require(torch.cuda.is_available(), "device", "auto or cpu on this machine (no CUDA device)", cfg.device)
     check_model(cfg)
-    threads = cfg.get("threads")
-    require(threads is None or (isinstance(threads, int) and threads >= 1), "threads", "null or a positive integer", threads)
     try:
         TrainConfig(**to_container(cfg.trainer)).validate()
     except TypeError as e:
         raise ConfigError(f"trainer: {e}") from None
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("trainer.") else f"trainer: {e}") from None
-    ev = cfg.eval
-    require(isinstance(ev.num_points, int) and ev.num_points >= 2, "eval.num_points", "an integer >= 2", ev.num_points)
-    require(isinstance(ev.batch_size, int) and ev.batch_size >= 1, "eval.batch_size", "a positive integer", ev.batch_size)
-    require(ev.max_items is None or (isinstance(ev.max_items, int) and ev.max_items >= 1), "eval.max_items",
-            "null or a positive integer", ev.max_items)
-    require(isinstance(ev.bn_items, int) and ev.bn_items >= 1, "eval.bn_items", "a positive integer", ev.bn_items)
-    st = cfg.get("stability") or {}
-    for keep in st.get("dropout_keep") or []:
-        require(isinstance(keep, (int, float)) and 0 < keep <= 1, "stability.dropout_keep", "fractions in (0, 1]", keep)
-    require(isinstance(st.get("trials", 20), int) and st.get("trials", 20) >= 1, "stability.trials",
-            "a positive integer", st.get("trials"))
-    require(isinstance(st.get("noise_items", 256), int) and st.get("noise_items", 256) >= 1, "stability.noise_items",
-            "a positive integer", st.get("noise_items"))
     from modeconn.align.step import check_options
 
     try:

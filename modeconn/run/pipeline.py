@@ -17,14 +17,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-from modeconn.params.checks import check_finite_endpoints, check_path_losses
+from modeconn.params.checks import check_finite_endpoints, check_model_data, check_path_losses
 from modeconn.io import runrecord
+from modeconn.run import memory
 from modeconn.run.config import ConfigError, to_container, validate
-from modeconn.data import Dataset, describe, example_input, load, resolve_device
+from modeconn.run.lock import run_lock
+from modeconn.run.preflight import check_endpoint_files, check_paths_apply, endpoint_identity, to_model_dtypes
+from modeconn.data import Dataset, describe, load, resolve_device
 from modeconn.align.step import align_endpoints, path_variants
 from modeconn.evaluation.evaluate import PathEval, evaluate_path
 from modeconn.training.loop import global_rng
-from modeconn.models import build, takes_images
+from modeconn.models import from_options, takes_images
+from modeconn.models.custom import is_target, label as model_label, locate, target_kwargs
 from modeconn.params.state import float_state
 from modeconn.paths.registry import BUILDERS, PathContext, build_path
 from modeconn.reporting.plots import plot_paths
@@ -41,7 +45,7 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
     root = None if root is None else os.path.expanduser(str(root))  # data.root=~/data
     if name == "digits":
         if options.get("image") is None:
-            options["image"] = takes_images(cfg.model.name)
+            options["image"] = takes_images(model_label(to_container(cfg.model)))
     elif options.get("image") is None:
         options.pop("image", None)
     if "input_shape" in options:
@@ -53,21 +57,33 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
 
 
 def build_model(cfg: DictConfig, data: Dataset, seed: int = 0) -> torch.nn.Module:
-    options = to_container(cfg.model)
-    name = options.pop("name")
+    """The config's model (a zoo ``name`` or a ``_target_``) for ``data``, its initialisation seeded by ``seed``."""
     with global_rng(seed):  # the initialisation is seeded; the caller's RNG is left as it was
-        return build(name, tuple(data.input_shape), data.num_classes, **options)
+        return from_options(to_container(cfg.model), tuple(data.input_shape), data.num_classes)
+
+
+def model_record(cfg: DictConfig, data: Dataset) -> dict:
+    """The model node for an endpoint's sidecar; a ``_target_`` node also records the keyword arguments it
+    was called with (the data's ``num_classes`` / ``input_shape`` included where they were filled in)."""
+    node = to_container(cfg.model)
+    if is_target(node):
+        node["kwargs"] = target_kwargs(locate(node["_target_"]), node, tuple(data.input_shape), data.num_classes)
+    return node
 
 
 def checked_model(cfg: DictConfig, data: Dataset, device: torch.device) -> torch.nn.Module:
     """The config's model for ``data``, built and called once, so a bad model option fails before any work."""
-    options = {k: v for k, v in to_container(cfg.model).items() if k != "name"}
+    node = to_container(cfg.model)
+    name, options = model_label(node), {k: v for k, v in node.items() if k not in ("name", "_target_")}
     try:
         model = build_model(cfg, data).to(device)
-        model(example_input(data).to(device))
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"model {cfg.model.name} with options {options} does not build for {describe(data)}: "
+        raise ConfigError(f"model {name} with options {options} does not build for {describe(data)}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:  # one forward pass: the data's input shape and class count fit the model
+        check_model_data(model, data, what=f"model {name}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return model
 
 
@@ -78,23 +94,27 @@ def given_endpoints(cfg: DictConfig, model: torch.nn.Module) -> list[dict] | Non
     out = []
     for file in cfg.endpoints:
         state, meta = load_checkpoint(FilePath(str(file)), model=model)
+        state = to_model_dtypes(state, model, file)  # float16 / float64 converted; integer weights refused
         out.append({"state": state, "meta": meta, "seed": meta.get("seed"), "file": str(file)})
     return out
 
 
-def endpoints(cfg: DictConfig, data: Dataset, out_dir: FilePath, device: torch.device) -> list[dict]:
-    """Train (or load) the two endpoints; returns [{'state', 'meta', 'seed', 'file'}] for A and B."""
+def endpoints(cfg: DictConfig, data: Dataset, out_dir: FilePath, device: torch.device,
+              identity: dict | None = None) -> list[dict]:
+    """Train (or load) the two endpoints; returns [{'state', 'meta', 'seed', 'file'}] for A and B.
+    ``identity``: what determines them (:func:`modeconn.run.preflight.endpoint_identity`, computed when None)."""
     given = given_endpoints(cfg, build_model(cfg, data))
     if given is not None:
         return given
+    identity = endpoint_identity(cfg, data, device) if identity is None else identity
     tcfg = TrainConfig(**to_container(cfg.trainer), device=str(device))
     out = []
     for seed in (2 * cfg.seed, 2 * cfg.seed + 1):
         net = build_model(cfg, data, seed)
         file = out_dir / "endpoints" / f"seed{seed}.pt"
         file.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model": to_container(cfg.model), "data": to_container(cfg.data)}
-        train(net, data, tcfg, seed=seed, checkpoint_path=file, meta=meta, progress=cfg.progress)
+        meta = {"model": model_record(cfg, data), "data": to_container(cfg.data)}
+        train(net, data, tcfg, seed=seed, checkpoint_path=file, meta=meta, progress=cfg.progress, identity=identity)
         state, meta = load_checkpoint(file, model=net)
         out.append({"state": state, "meta": meta, "seed": seed, "file": str(file)})
     return out
@@ -118,18 +138,29 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
             raise ConfigError(f"path: {missing} are not configured; choose from {', '.join(BUILDERS)}")
         cfg.path = {name: cfg.path[name] for name in only}
     validate(cfg)
+    with run_lock(out_dir):  # one writer per run directory: a second run exits 2 naming this process
+        return _locked_run(cfg, out_dir, record)
+
+
+def _locked_run(cfg: DictConfig, out_dir: FilePath, record: Callable[[], None] | None) -> dict:
+    """:func:`run` after the config is validated, holding the run directory's lock."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     started = time.time()
+    memory.check_data(cfg)  # data.num_train=1e9 is refused before it is made
     data = load_data(cfg, device)
     model = checked_model(cfg, data, device)
+    memory.check_run(cfg, model, device)  # eval.num_points, path.<curve>.num_bends
+    check_paths_apply(cfg, model, data, device)  # e.g. the dropout path on a residual net, before training
     given = given_endpoints(cfg, model)  # unreadable or foreign checkpoint files stop the run here
     prov = runrecord.provenance(device)
     finished = runrecord.check_existing(cfg, out_dir, prov)
     if finished is not None:  # not logged: its cli.log stays as the run left it
         return {**finished, "skipped": True}
     check_finite_endpoints(given, model, data)  # so do NaN or infinite ones
+    identity = None if given is not None else check_endpoint_files(  # another config's endpoints or resume files
+        cfg, data, out_dir, device, lambda seed: build_model(cfg, data, seed).to(device))
     if record is not None:
         record()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +170,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
     atomic_write_json(earlier, prov)
     log.info("data: %s", describe(data))
     log.info("settings: %s", runrecord.describe(prov))
-    ends = given if given is not None else endpoints(cfg, data, out_dir, device)
+    ends = given if given is not None else endpoints(cfg, data, out_dir, device, identity)
     check_finite_endpoints(ends, model, data)
     model = checked_model(cfg, data, device)  # again: the random state after it is what the paths start from
     theta_a, theta_b = (float_state({k: v.to(device) for k, v in e["state"].items()}) for e in ends)
@@ -179,7 +210,7 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
         evals.append(ev)
         log.info("%s: max train loss %.4f, epsilon barrier %.4f%s", label, ev.max_train_loss,
                  ev.barriers["train_loss"]["epsilon"], "" if ev.bound is None else f", bound {ev.bound:.4f}")
-    plot_paths(evals, out_dir / "paths.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.name}")
+    plot_paths(evals, out_dir / "paths.png", title=f"{cfg.name}: {model_label(to_container(cfg.model))} on {cfg.data.name}")
     summary = {
         "name": cfg.name,
         "finished": True,
@@ -189,8 +220,9 @@ def run(cfg: DictConfig, out_dir: str | FilePath, only: list[str] | None = None,
         "torch": torch.__version__,
         "provenance": prov | ({"changed_from": mixed} if mixed not in (None, prov) else {}),
         "data": describe(data),
-        "endpoints": [{k: e[k] for k in ("seed", "file")} | {"sha256": runrecord.sha256(e["file"]),
-                                                             "metrics": e["meta"].get("metrics", {})} for e in ends],
+        "endpoints": [{"seed": e["seed"], "file": runrecord.relative_file(out_dir, e["file"]),  # relative: a copied
+                       "sha256": runrecord.sha256(e["file"]), "metrics": e["meta"].get("metrics", {})}  # run checks
+                      for e in ends],                                                               # its own files
         "stability": stability,
         "figure2": figure2,
         "alignment": None if alignment is None else alignment.summary(),

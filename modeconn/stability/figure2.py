@@ -34,7 +34,7 @@ from modeconn.io.checkpoint import load_checkpoint
 from modeconn.data import materialize
 from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.training.loop import global_rng
-from modeconn.models import build
+from modeconn.models import build, from_options, is_target
 from modeconn.paths import linear
 from modeconn.stability import apply_dropout
 from modeconn.params.state import State
@@ -170,6 +170,13 @@ def train_trial_net(model_options: Mapping, trainer: TrainConfig, data, file: Fi
     """Build the configured model (``width`` overriding its hidden width) with torch's RNG seeded by ``seed``,
     train it with ``trainer`` into the checkpoint ``file`` (resumable; a finished one is reused)."""
     options = dict(model_options)
+    if is_target(options):
+        if width is not None:
+            raise ValueError(f"figure2 widths need a zoo model (model.name); model._target_ {options['_target_']} "
+                             "has no width option modeconn knows")
+        with global_rng(seed):
+            net = from_options(options, tuple(data.input_shape), data.num_classes)
+        return _train_trial(net, options, trainer, data, file, seed, progress)
     name = options.pop("name")
     if width is not None:  # convnet / vgg: "width"; mlp: every entry of "hidden"
         if "hidden" in options:
@@ -178,8 +185,13 @@ def train_trial_net(model_options: Mapping, trainer: TrainConfig, data, file: Fi
             options["width"] = int(width)
     with global_rng(seed):  # seeded initialisation; the caller's RNG is left as it was
         net = build(name, tuple(data.input_shape), data.num_classes, **options)
+    return _train_trial(net, {"name": name, **options}, trainer, data, file, seed, progress)
+
+
+def _train_trial(net: nn.Module, model_options: Mapping, trainer: TrainConfig, data, file: FilePath, seed: int,
+                 progress: bool) -> tuple[nn.Module, State]:
     file.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": {"name": name, **options}, "data": getattr(data, "name", None), "figure2": True}
+    meta = {"model": dict(model_options), "data": getattr(data, "name", None), "figure2": True}
     train(net, data, trainer, seed=seed, checkpoint_path=file, meta=meta, progress=progress)
     state, _ = load_checkpoint(file, model=net)
     return net, {k: v.to(trainer.device if trainer.device != "auto" else "cpu") for k, v in state.items()}

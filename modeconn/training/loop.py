@@ -63,7 +63,8 @@ class Schedule:
     * ``constant``: ``lr``;
     * ``step``: ``lr * gamma ** floor(epoch / step_size)``;
     * ``cosine``: ``lr * (1 + cos(pi * epoch / epochs)) / 2``;
-    * ``garipov`` (Garipov et al. 2018): with ``t = epoch / epochs``, ``lr`` for ``t <= 0.5``, then
+    * ``garipov`` (Garipov et al. 2018, their ``learning_rate_schedule``): with ``t = (epoch + 1) / epochs``
+      (the reference counts epochs from 1, so the last epoch has ``t = 1``), ``lr`` for ``t <= 0.5``, then
       linearly down to ``0.01 * lr`` at ``t = 0.9``, then ``0.01 * lr``.
 
     The loop sets it at the start of every epoch (``epoch`` = the 0-based index), as the reference does.
@@ -85,7 +86,7 @@ class Schedule:
         elif self.kind == "cosine":
             factor = 0.5 * (1.0 + math.cos(math.pi * min(epoch / self.epochs, 1.0)))
         elif self.kind == "garipov":
-            t = epoch / self.epochs
+            t = (epoch + 1.0) / self.epochs  # the reference's 1-based epoch
             factor = 1.0 if t <= 0.5 else 1.0 - (t - 0.5) / 0.4 * 0.99 if t <= 0.9 else 0.01
         else:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.kind!r}")

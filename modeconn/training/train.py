@@ -39,6 +39,7 @@ __all__ = [
     "train",
     "evaluate_model",
     "resume_path",
+    "check_reusable",
     "OPTIMIZERS",
     "SCHEDULES",
 ]
@@ -188,20 +189,46 @@ class EndpointStep:
         return {"loss": sums["loss"].item() / examples, "acc": sums["correct"].item() / examples}
 
 
-def _identity(cfg: TrainConfig, seed: int) -> dict:
-    """What makes a training run this run: the seed and every trainer setting but the device."""
-    return {"seed": seed, **{f"trainer.{k}": v for k, v in cfg.to_dict().items() if k != "device"}}
+def _identity(cfg: TrainConfig, seed: int, extra: Mapping[str, Any] | None = None) -> dict:
+    """What makes a training run this run: the seed, every trainer setting but the device, and the caller's
+    ``extra`` plain values (the model's and data's options, threads, device type, torch version)."""
+    return {"seed": seed, **{f"trainer.{k}": v for k, v in cfg.to_dict().items() if k != "device"}, **(extra or {})}
 
 
-def _check_same_run(path: Path, saved: Mapping[str, Any], cfg: TrainConfig, seed: int) -> None:
-    theirs = {"seed": saved.get("seed"), **{f"trainer.{k}": v for k, v in (saved.get("config") or {}).items()}}
-    diffs = [f"{k} {theirs[k]!r} vs {v!r}" for k, v in _identity(cfg, seed).items()
-             if theirs.get(k) is not None and theirs[k] != v]
+def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], legacy: bool) -> list[str]:
+    return [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in ours.items()
+            if theirs.get(k) != v and not (legacy and theirs.get(k) is None)]
+
+
+def _check_same_run(path: Path, saved: Mapping[str, Any], cfg: TrainConfig, seed: int,
+                    extra: Mapping[str, Any] | None = None) -> None:
+    ours = _identity(cfg, seed, extra)
+    if isinstance(saved.get("identity"), Mapping):
+        diffs = _differences(saved["identity"], ours, legacy=False)
+    else:  # written before identities were recorded: the seed and trainer settings it has
+        theirs = {"seed": saved.get("seed"), **{f"trainer.{k}": v for k, v in (saved.get("config") or {}).items()}}
+        diffs = _differences(theirs, _identity(cfg, seed), legacy=True)
     if diffs:
         raise ValueError(
-            f"finished checkpoint {path} belongs to a different run ({'; '.join(diffs)}; saved vs requested). "
-            "Use another checkpoint path, or delete the file to start over."
+            f"finished checkpoint {path} belongs to a different run (first difference: {diffs[0].split(' ')[0]}; "
+            f"{'; '.join(diffs)}; saved vs requested). Use another checkpoint path, or delete the file to start over."
         )
+
+
+def check_reusable(model: nn.Module, cfg: TrainConfig, seed: int, checkpoint_path: str | os.PathLike,
+                   identity: Mapping[str, Any] | None = None) -> str | None:
+    """What :func:`train` would find at ``checkpoint_path`` for this run, checked without training: ``"finished"``,
+    ``"resume"`` (an interrupted run of the same settings), or None (nothing yet). A finished checkpoint or
+    resume file of another run, or of another architecture, raises as :func:`train` would, so a caller
+    can refuse a run before writing anything."""
+    ckpt = Path(checkpoint_path)
+    saved = read_meta(ckpt)
+    if saved is not None and saved.get("finished"):
+        _check_same_run(ckpt, saved, cfg, seed, identity)
+        load_checkpoint(ckpt, model)  # readable, of this architecture
+        return "finished"
+    resume = Resume(resume_path(ckpt), _RESUME_FORMAT, _identity(cfg, seed, identity), architecture=fingerprint(model))
+    return "resume" if resume.read() is not None else None
 
 
 def train(
@@ -214,6 +241,7 @@ def train(
     progress: bool = True,
     eval_data: Any = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict:
     """Train ``model`` in place on ``data`` and return ``{train_loss, train_acc, test_loss, test_acc,
     epochs}`` (final values in eval mode; the ``test_*`` ones are ``None`` without test data).
@@ -230,7 +258,10 @@ def train(
     JSON sidecar are written (``meta`` plus config, seed, metrics, fingerprint, history) and the resume
     file removed. If the checkpoint already holds a finished run, it is loaded into ``model`` and its
     metrics returned without training. ``on_epoch_end(epoch, stats)`` is called after each epoch
-    (1-based, after the resume file is written). Raises ``NonFiniteLossError`` on a NaN/inf batch loss,
+    (1-based, after the resume file is written). ``identity``: more plain values that determine the result
+    (``{"model.dropout": 0.5, "threads": 1, ...}``), recorded and compared with the seed and trainer settings
+    before a finished checkpoint or a resume file is reused (a difference raises ``ValueError`` naming the
+    first differing key). Raises ``NonFiniteLossError`` on a NaN/inf batch loss,
     leaving the last resume file untouched.
     """
     cfg.validate()
@@ -245,7 +276,7 @@ def train(
     if ckpt is not None:
         saved = read_meta(ckpt)
         if saved is not None and saved.get("finished"):
-            _check_same_run(ckpt, saved, cfg, seed)
+            _check_same_run(ckpt, saved, cfg, seed, identity)
             state, saved = load_checkpoint(ckpt, model)
             model.load_state_dict(state)
             model.to(device)
@@ -260,7 +291,7 @@ def train(
     loop = Loop(EndpointStep(model), optimizer, cfg.lr_schedule(), data, cfg.batch_size, seed, device,
                 augment=True, progress=progress, label=f"train seed {seed}", lr_option="trainer.lr",
                 callbacks=[on_epoch_end] if on_epoch_end is not None else [],
-                resume=None if resume is None else Resume(resume, _RESUME_FORMAT, _identity(cfg, seed),
+                resume=None if resume is None else Resume(resume, _RESUME_FORMAT, _identity(cfg, seed, identity),
                                                           architecture=fingerprint(model)))
     model.train()
     history = loop.run()
@@ -301,6 +332,7 @@ def train(
                 "model_fingerprint": fingerprint(model),
                 "history": history,
                 "torch_version": torch.__version__,
+                "identity": _identity(cfg, seed, identity),
             }
         )
         save_checkpoint(ckpt, model.state_dict(), full_meta)

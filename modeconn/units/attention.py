@@ -169,6 +169,8 @@ def matmul(ctx, node):
     a, b = node.args[0], node.args[1]
     sa, sb = ctx.state(a), ctx.state(b)
     na, nb, nd = len(ctx.shape(a) or ()), len(ctx.shape(b) or ()), len(ctx.shape(node) or ())
+    if isinstance(sb, Param) and not isinstance(sa, Param) and na >= 2 and nb == 2:
+        return _times_param(ctx, node, sa, sb, nd)
     if min(na, nb) < 2 or isinstance(sa, Param) or isinstance(sb, Param):
         ctx.fail("a matrix product of vectors or with a parameter")
     off_a, off_b = nd - na, nd - nb
@@ -193,6 +195,17 @@ def matmul(ctx, node):
     if s.scores or s.axis != free or (pos is not None and pos >= 0 and ctx.shape(other)[pos] != 1):
         ctx.fail("a matrix product that mixes hidden units with an unpermuted tensor")
     return s.moved(lambda x: x + off)
+
+
+def _times_param(ctx, node, s, w: Param, nd: int) -> Units:
+    """``x @ W`` with ``W`` a model matrix or its transpose (the tied output ``h @ E.T`` of a language model):
+    a linear layer whose input axis is ``W``'s contracted axis and whose units lie on its other axis."""
+    c, f = w.axes
+    if c is None or f is None or c == f:
+        ctx.fail("a matrix product with a view of a parameter that is not the matrix or its transpose")
+    if isinstance(s, Units) and s.scores:
+        ctx.fail("attention scores multiplied by a parameter")
+    return dense_units(ctx, s, nd, w.key, None, ctx.shape(node)[-1], w.key.rsplit(".", 1)[0], in_axis=c, out_axis=f)
 
 
 MODULES = {

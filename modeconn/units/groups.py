@@ -20,16 +20,27 @@ class Units:
     """A traced tensor's units: axis ``axis`` holds the concatenation of ``parts``. With ``head_axis``
     (one part, attention heads split out by a view), the unit index is ``head * d + j``: the head on
     ``head_axis``, ``j`` on ``axis``. With ``scores`` (attention scores ``q @ k^T``), axis ``axis`` holds
-    only the heads (blocks) of the one part's group, no units."""
+    only the heads (blocks) of the one part's group, no units. With ``stack_axis`` (a fused q/k/v
+    projection viewed as ``(..., 3, heads, head dim)``), entry ``i`` of that axis holds the units
+    ``pieces[i]`` (``parts`` is their concatenation); only views, elementwise ops and unbinding or
+    indexing the stack axis may read such a tensor."""
     axis: int
     parts: tuple[Part, ...]
     head_axis: int | None = None
     scores: bool = False
+    stack_axis: int | None = None
+    pieces: tuple[tuple[Part, ...], ...] | None = None
 
     def moved(self, new_axis_of) -> "Units":
         """The same units after the tensor's axes moved (``new_axis_of(old) -> new``)."""
         h = None if self.head_axis is None else new_axis_of(self.head_axis)
-        return Units(new_axis_of(self.axis), self.parts, h, self.scores)
+        st = None if self.stack_axis is None else new_axis_of(self.stack_axis)
+        return Units(new_axis_of(self.axis), self.parts, h, self.scores, st, self.pieces)
+
+    def piece(self, i: int, new_axis_of) -> "Units":
+        """Entry ``i`` of the stack axis (that axis removed; ``new_axis_of`` maps the other axes)."""
+        h = None if self.head_axis is None else new_axis_of(self.head_axis)
+        return Units(new_axis_of(self.axis), self.pieces[i], h)
 
 
 @dataclass(frozen=True)

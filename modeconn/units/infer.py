@@ -12,9 +12,9 @@ from torch.fx import GraphModule, Tracer
 from torch.fx.node import Node, map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
-from modeconn.units import attention, layers, ops
+from modeconn.units import attention, fused, layers, ops
 from modeconn.units.groups import Groups, Param, Units, fail
-from modeconn.units.spec import UnitGroup, UnitSpec, UnsupportedLayerError
+from modeconn.units.spec import UnitAxis, UnitGroup, UnitSpec, UnsupportedLayerError
 from modeconn.units.supported import SUPPORTED
 
 __all__ = ["infer", "SUPPORTED"]
@@ -25,12 +25,20 @@ MODULES: dict[type, Callable] = {
     nn.modules.batchnorm._BatchNorm: layers.batchnorm, nn.LayerNorm: layers.layernorm,
     nn.GroupNorm: layers.groupnorm, nn.PReLU: layers.prelu, nn.Embedding: layers.embedding,
     nn.Flatten: layers.flatten, nn.Unflatten: layers.flatten,
+    **({nn.RMSNorm: layers.layernorm} if hasattr(nn, "RMSNorm") else {}),
     **{t: (lambda ctx, node, m, path: ops.elementwise(ctx, node)) for t in ops.ELEMENTWISE_MODULES},
     **{t: (lambda ctx, node, m, path: ops.pool(ctx, node)) for t in ops.POOL_MODULES},
     **attention.MODULES,
 }
-FUNCTIONS: dict = {**ops.FUNCTIONS, torch.nn.functional.linear: layers.functional_linear, **attention.FUNCTIONS}
-METHODS: dict = {**ops.METHODS, **attention.METHODS}
+FUNCTIONS: dict = {**ops.FUNCTIONS, torch.nn.functional.linear: layers.functional_linear, **attention.FUNCTIONS,
+                   **{f: layers.functional_norm for f in layers.FUNCTIONAL_NORMS}, **fused.FUNCTIONS}
+METHODS: dict = {**ops.METHODS, **attention.METHODS, **fused.METHODS}
+#: elementwise functions and modules known by qualified name (their packages are optional)
+NAMED_MODULES = {"torchvision.ops.stochastic_depth.StochasticDepth", "timm.layers.drop.DropPath"}
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
 SCORES_OK = {*ops.SCORES_OK, attention.matmul}
 
 
@@ -78,6 +86,8 @@ def _lookup_module(m: nn.Module):
     for t in type(m).__mro__:
         if t in MODULES:
             return MODULES[t]
+        if _qualname(t) in NAMED_MODULES:
+            return lambda ctx, node, m, path: ops.elementwise(ctx, node)
     return None
 
 
@@ -92,6 +102,7 @@ class _Context:
         self.calls: dict[str, int] = {}
         self.skipped: list[str] = []
         self.keys = set(gm.state_dict())
+        self.unreached: set[str] = set()  # tensors read by a node inference refused (strict=False)
 
     # ---------------------------------------------------------------- handler helpers
     def state(self, a):
@@ -143,6 +154,8 @@ class _Context:
             handler = _lookup_module(m)
             if any(self._is_scores(s) for s in states) and not isinstance(m, ops.ELEMENTWISE_MODULES):
                 self.fail("attention scores (q @ k^T) reaching a layer")
+            if any(self._is_stacked(s) for s in states) and not isinstance(m, ops.ELEMENTWISE_MODULES):
+                self.fail("a fused q/k/v tensor reaching a layer before it is taken apart")
             if handler is None:
                 return self.fail() if stateful or has_units else None
             return handler(self, node, m, path)
@@ -152,7 +165,7 @@ class _Context:
             fn = node.target
             self.where = (f"function {getattr(fn, '__module__', '') or ''}.{getattr(fn, '__name__', fn)} "
                           f"(node {node.name!r}{inside})")
-            handler = FUNCTIONS.get(fn)
+            handler = FUNCTIONS.get(fn) or (ops.elementwise if _qualname(fn) in ops.NAMED_ELEMENTWISE else None)
         elif node.op == "call_method":
             self.where = f"method Tensor.{node.target} (node {node.name!r}{inside})"
             handler = METHODS.get(str(node.target))
@@ -167,7 +180,19 @@ class _Context:
         if handler not in SCORES_OK and any(self._is_scores(s) for s in states):
             self.fail("attention scores (q @ k^T) reaching an operation other than scaling, masking, softmax "
                       "and the product with v")
+        if handler not in fused.STACK_OK and any(self._is_stacked(s) for s in states):
+            self.fail("a fused q/k/v tensor reaching an operation before it is taken apart (unbind or indexing)")
         return handler(self, node)
+
+    def _is_stacked(self, value) -> bool:
+        if isinstance(value, tuple):
+            return any(self._is_stacked(v) for v in value)
+        return isinstance(value, Units) and value.stack_axis is not None
+
+    def _params_in(self, value) -> list[str]:
+        if isinstance(value, tuple):
+            return [k for v in value for k in self._params_in(v)]
+        return [value.key] if isinstance(value, Param) else []
 
     def _is_scores(self, value) -> bool:
         if isinstance(value, tuple):
@@ -186,10 +211,28 @@ class _Context:
                 if self.strict:
                     raise
                 self.skipped.append(str(e).split(". Supported layers")[0])
+                self.unreached.update(k for a in self.inputs(node) for k in self._params_in(self.state(a)))
+                if node.op == "call_module":
+                    sub = self.gm.get_submodule(str(node.target))
+                    self.unreached.update(self.key(str(node.target), k) for k, _ in sub.named_parameters())
                 parts = [p for a in self.inputs(node) for p in self._parts_in(self.state(a))]
                 self.G.poison(parts, self.where)
-                self.env[node] = None
+                self.env[node] = self._opaque(node)
         return outputs
+
+    def _opaque(self, node: Node):
+        """What a refused node outputs: hidden units that cannot move (a new, unpermutable group on its first
+        hidden-unit input's axis, when the output keeps that axis), so that whatever reads or adds to them
+        stays in place too and counts as unaligned; ``None`` when no such axis is known."""
+        out = self.shape(node)
+        for a in self.inputs(node):
+            s, shape = self.state(a), self.shape(a)
+            if isinstance(s, Units) and not s.scores and s.head_axis is None and s.stack_axis is None \
+                    and out is not None and shape is not None and len(out) == len(shape) and out[s.axis] == shape[s.axis]:
+                gid = self.G.new(node.name, out[s.axis])
+                self.G.poison([(gid, 1)], self.where)
+                return Units(s.axis, ((gid, 1),))
+        return None
 
 
 def infer(model: nn.Module, example_input, *, strict: bool = True) -> UnitSpec:
@@ -261,18 +304,32 @@ def _assemble(ctx: _Context, outputs: list, model: nn.Module) -> UnitSpec:
                  and (G.data[r].bad is not None or r in out_roots)}
     groups, names = [], set()
     tie_names: dict[int, str] = {}
+    unaligned: list[UnitAxis] = [UnitAxis(name, 0, block=shapes[name][0] if shapes[name] else 1)
+                                 for key in sorted(ctx.unreached) for name in same.get(id(state.get(key)), [key])
+                                 if name in shapes]  # tensors a refused node read: all unaligned
+
+    def leave(d) -> None:  # the group's hidden units stay in place: every entry of its axes is unaligned
+        for ax in alias(d.producers + d.consumers):
+            if ax.name in shapes:
+                n = shapes[ax.name][ax.axis]
+                unaligned.append(UnitAxis(ax.name, ax.axis, n, 0) if ax.within is not None else
+                                 UnitAxis(ax.name, ax.axis, min(d.size * ax.block, n - ax.offset), ax.offset))
+
     for r in leaves:
         d = G.data[r]
         tie = G.tie_of(r)
         if r in out_roots or d.bad is not None or tie in drop_ties:
             if d.bad:
                 skipped.append(f"group {d.name!r} ({d.size} units) left unpermuted: it reaches {d.bad}")
+            if r not in out_roots and d.bad != "":  # not the output's or the model input's own units
+                leave(d)
             continue
         why = check(d)
         if why:
             if ctx.strict:
                 raise fail(why)
             skipped.append(f"group {d.name!r} left unpermuted: {why}")
+            leave(d)
             continue
         name = d.name
         while name in names:
@@ -284,7 +341,7 @@ def _assemble(ctx: _Context, outputs: list, model: nn.Module) -> UnitSpec:
         groups.append(UnitGroup(name, d.size, producers, consumers, list(d.layers), blocks=d.blocks, tie=tie_name,
                                 mixing=list(d.mixing)))
     _check_disjoint(groups, ctx.strict, skipped)
-    return UnitSpec(groups=groups, output=output, skipped=skipped)
+    return UnitSpec(groups=groups, output=output, skipped=skipped, unaligned=unaligned)
 
 
 def _check_disjoint(groups: list[UnitGroup], strict: bool, skipped: list[str]) -> None:

@@ -5,6 +5,8 @@ composite layers (:mod:`modeconn.units.attention`).
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modeconn.units.groups import Param, Units
@@ -17,19 +19,21 @@ LAYER_NORM_WHY = "it normalizes across units (only BatchNorm is per unit)"
 def _last_axis_units(ctx, s, ndim: int, what: str):
     if isinstance(s, Param):
         ctx.fail(f"{what} reading a parameter")
-    if isinstance(s, Units) and (s.axis != ndim - 1 or s.head_axis is not None):
+    if isinstance(s, Units) and (s.axis != ndim - 1 or s.head_axis is not None or s.stack_axis is not None):
         ctx.fail(f"{what} reading units that are not on the last axis")
     return s
 
 
-def dense_units(ctx, s, ndim: int, weight: str, bias: str | None, size: int, layer: str) -> Units:
-    """A Linear-like layer on the last axis: ``weight`` columns read ``s``, its rows and ``bias`` make
-    ``size`` new units."""
+def dense_units(ctx, s, ndim: int, weight: str, bias: str | None, size: int, layer: str, *,
+                in_axis: int = 1, out_axis: int = 0) -> Units:
+    """A Linear-like layer on the last axis: axis ``in_axis`` of ``weight`` (its columns) reads ``s``, axis
+    ``out_axis`` (its rows) and ``bias`` make ``size`` new units (``h @ E.T`` with a tied embedding ``E``:
+    the same axes)."""
     _last_axis_units(ctx, s, ndim, "a linear layer")
     if s is not None:
-        ctx.G.attach(s.parts, "consumers", weight, 1)
+        ctx.G.attach(s.parts, "consumers", weight, in_axis)
     gid = ctx.G.new(layer, size, layer)
-    ctx.G.attach([(gid, 1)], "producers", weight, 0)
+    ctx.G.attach([(gid, 1)], "producers", weight, out_axis)
     if bias is not None:
         ctx.G.attach([(gid, 1)], "producers", bias, 0)
     return Units(ndim - 1, ((gid, 1),))
@@ -64,7 +68,7 @@ def _state_keys(ctx, m: nn.Module, path: str, names) -> list[str]:
 def _channel_units(ctx, s, what: str):
     if isinstance(s, Param):
         ctx.fail(f"{what} reading a parameter")
-    if isinstance(s, Units) and (s.axis != 1 or s.head_axis is not None):
+    if isinstance(s, Units) and (s.axis != 1 or s.head_axis is not None or s.stack_axis is not None):
         ctx.fail(f"{what} reading units that are not on the channel axis (axis 1)")
     return s
 
@@ -122,14 +126,70 @@ def layernorm(ctx, node, m: nn.LayerNorm, path: str):
 
 
 def layernorm_units(ctx, s, ndim: int, m: nn.LayerNorm, path: str):
-    """LayerNorm over the last axes: permutation-equivariant; weight and bias follow the units."""
+    """LayerNorm (or RMSNorm) over the last axes: permutation-equivariant; weight and bias follow the units."""
+    return norm_units(ctx, s, ndim, len(m.normalized_shape), _state_keys(ctx, m, path, ("weight", "bias")),
+                      f"layer {path!r} ({type(m).__name__})")
+
+
+def norm_units(ctx, s, ndim: int, k: int, keys: list[str], label: str):
+    """A norm over the last ``k`` axes whose per-entry ``keys`` (weight, bias) follow the units."""
     if s is None:
         return None
-    k = len(m.normalized_shape)
-    if isinstance(s, Param) or s.head_axis is not None or s.axis < ndim - k:
+    if isinstance(s, Param) or s.head_axis is not None or s.stack_axis is not None or s.axis < ndim - k:
         ctx.fail("LayerNorm over axes that are not the units' axis")
-    follow(ctx, s, _state_keys(ctx, m, path, ("weight", "bias")), axis=s.axis - (ndim - k))
-    ctx.G.mark(s.parts, mixing=f"layer {path!r} (LayerNorm): {LAYER_NORM_WHY}")
+    follow(ctx, s, keys, axis=s.axis - (ndim - k))
+    ctx.G.mark(s.parts, mixing=f"{label}: {LAYER_NORM_WHY}")
+    return s
+
+
+def _arg(node, i: int, name: str):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def _own_keys(ctx, node, names: dict[str, int]) -> list[str]:
+    """State keys of a functional norm's tensor arguments ``{name: position}``: each must be a whole
+    parameter or buffer of the model (or absent)."""
+    keys = []
+    for name, i in names.items():
+        a = _arg(node, i, name)
+        if a is None:
+            continue
+        st = ctx.state(a)
+        if not isinstance(st, Param) or st.axes != tuple(range(len(st.axes))):
+            ctx.fail(f"its {name} is not a parameter or buffer of the model")
+        keys.append(st.key)
+    return keys
+
+
+#: functional norms: {function: (kind, {tensor argument: position})}
+FUNCTIONAL_NORMS = {
+    F.layer_norm: ("layer", {"weight": 2, "bias": 3}), torch.layer_norm: ("layer", {"weight": 2, "bias": 3}),
+    F.group_norm: ("group", {"weight": 2, "bias": 3}), torch.group_norm: ("group", {"weight": 2, "bias": 3}),
+    F.batch_norm: ("batch", {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}),
+    torch.batch_norm: ("batch", {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}),
+    **({F.rms_norm: ("layer", {"weight": 2})} if hasattr(F, "rms_norm") else {}),
+}
+
+
+def functional_norm(ctx, node):
+    """``F.layer_norm`` / ``F.group_norm`` / ``F.batch_norm`` (and ``torch.*``, ``F.rms_norm``) called with the
+    model's own parameters (timm's LayerNorm and LayerNorm2d): treated like the modules."""
+    kind, names = FUNCTIONAL_NORMS[node.target]
+    keys = _own_keys(ctx, node, names)
+    s = ctx.state(node.args[0])
+    if s is None:
+        return None
+    if kind == "layer":
+        shape = _arg(node, 1, "normalized_shape")
+        k = 1 if isinstance(shape, int) else len(shape)
+        return norm_units(ctx, s, len(ctx.shape(node)), k, keys, ctx.where)
+    s = _channel_units(ctx, s, "a functional norm")
+    if kind == "group":
+        if len(s.parts) != 1 or s.parts[0][1] != 1:
+            ctx.fail("GroupNorm over concatenated unit groups")
+        ctx.G.set_blocks(s.parts[0][0], int(_arg(node, 1, "num_groups")), ctx.where)
+        ctx.G.mark(s.parts, mixing=f"{ctx.where}: it normalizes across the units of each group")
+    follow(ctx, s, keys)
     return s
 
 

@@ -61,11 +61,11 @@ def reshape_units(ctx, s, in_shape, out_shape):
     if s is None:
         return None
     if isinstance(s, Param):
-        if tuple(in_shape) != tuple(out_shape):
-            ctx.fail("it reshapes a parameter")
-        return s
+        return _reshape_param(ctx, s, in_shape, out_shape)
     if in_shape is None or out_shape is None:
         ctx.fail("it reshapes a hidden-unit tensor of unknown shape")
+    if s.stack_axis is not None and tuple(in_shape) != tuple(out_shape):
+        ctx.fail("it reshapes a fused q/k/v tensor before taking it apart")
     lead = lambda shape, k: _prod(shape[:k])  # noqa: E731
     if s.head_axis is not None:  # (heads, head dim) merged back into one axis
         h, a = s.head_axis, s.axis
@@ -96,8 +96,29 @@ def reshape_units(ctx, s, in_shape, out_shape):
                 and s.parts[0][1] == 1:
             ctx.G.set_blocks(s.parts[0][0], m, ctx.where)
             return Units(b + 1, s.parts, head_axis=b)
+    for b in cands:  # fused q/k/v: (k*E) -> (k, heads, head dim), k pieces of one group each
+        m = out_shape[b]
+        if 1 < m < n and b + 2 < len(out_shape) and m * out_shape[b + 1] * out_shape[b + 2] == n \
+                and all(blk == 1 for _, blk in s.parts):
+            pieces = ctx.G.cut(s.parts, [n // m] * m, ctx.where)
+            if any(len(p) != 1 for p in pieces):
+                ctx.fail("a fused q/k/v view whose pieces are not one unit group each")
+            for (gid, _), in pieces:
+                ctx.G.set_blocks(gid, out_shape[b + 1], ctx.where)
+            return Units(b + 2, ctx.G.leaves(s.parts), b + 1, stack_axis=b, pieces=tuple(pieces))
     ctx.fail(f"it reshapes a hidden-unit tensor {tuple(in_shape)} -> {tuple(out_shape)} in a way that splits "
              "units or mixes them with other axes")
+
+
+def _reshape_param(ctx, s: Param, in_shape, out_shape) -> Param:
+    """A parameter viewed with axes of length 1 added or dropped (``gamma.reshape(1, -1, 1, 1)``)."""
+    if in_shape is None or out_shape is None:
+        ctx.fail("it reshapes a parameter of unknown shape")
+    kept = [i for i, d in enumerate(in_shape) if d != 1]
+    if [in_shape[i] for i in kept] != [d for d in out_shape if d != 1]:
+        ctx.fail("it reshapes a parameter")
+    src = iter(kept)
+    return Param(s.key, tuple(None if d == 1 else s.axes[next(src)] for d in out_shape))
 
 
 def _count_to(shape, k: int) -> int:
@@ -114,7 +135,7 @@ def reshape(ctx, node):
     return reshape_units(ctx, elementwise(ctx, node), ctx.shape(node.args[0]), ctx.shape(node))
 
 
-def _permute_state(s, order: list[int]):
+def permute_state(s, order: list[int]):
     """Units after ``x.permute(order)`` (output axis i = input axis order[i])."""
     if isinstance(s, Param):
         return Param(s.key, tuple(s.axes[o] for o in order))
@@ -139,7 +160,7 @@ def transpose(ctx, node):
         d0, d1 = _norm_axis(d0, nd), _norm_axis(d1, nd)
         order = list(range(nd))
         order[d0], order[d1] = d1, d0
-    return _permute_state(s, order)
+    return permute_state(s, order)
 
 
 def expand(ctx, node):
@@ -322,8 +343,12 @@ ELEMENTWISE_FUNCTIONS = {
     F.mish, F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, torch.sigmoid, torch.tanh, F.sigmoid,
     F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, operator.neg, operator.pos, torch.neg,
-    torch.abs, torch.exp, torch.clamp, torch.square, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.exp, torch.clamp, torch.square, torch.sqrt, torch.rsqrt, torch.dropout, torch.feature_dropout,
+    torch.alpha_dropout, torch.feature_alpha_dropout,
 }
+#: elementwise functions known by qualified name, so their packages need not be imported: stochastic depth
+#: zeroes whole samples (rows), which commutes with any permutation of units (and is the identity in eval)
+NAMED_ELEMENTWISE = {"torchvision.ops.stochastic_depth.stochastic_depth", "timm.layers.drop.drop_path"}
 POOL_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
@@ -336,7 +361,7 @@ BINARY_FUNCTIONS = {
 }
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "softmax", "log_softmax",
-    "neg", "abs", "exp", "clamp", "square", "float", "double", "to", "type_as", "sqrt", "rsqrt",
+    "neg", "abs", "exp", "clamp", "square", "float", "double", "to", "type_as", "sqrt", "rsqrt", "dropout",
 }
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten"}

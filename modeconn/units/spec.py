@@ -25,7 +25,9 @@ Shape of the model (settled; :mod:`modeconn.align` builds on it):
   layers that read the units jointly (LayerNorm, GroupNorm, attention): permutations commute with them,
   but zeroing or rescaling single units does not, so per-unit constructions (channel dropout) refuse such
   groups (:meth:`UnitSpec.check_per_unit`).
-* :class:`UnitSpec` ``(groups, output, skipped=[], covered=None)``; a permutation of the spec is a dict
+* :class:`UnitSpec` ``(groups, output, skipped=[], covered=None, unaligned=None)``; ``unaligned`` (set by
+  :func:`~modeconn.units.infer`) lists the axis ranges that index hidden units the spec leaves in place,
+  each as one :class:`UnitAxis` of one unit of ``block`` entries. A permutation of the spec is a dict
   ``{group name: flat LongTensor}`` (new unit ``i`` = old unit ``perm[i]``); :func:`split_perm` /
   :func:`join_perm` convert between a flat permutation and (sigma, inner permutations).
 """
@@ -140,7 +142,10 @@ class UnitSpec:
     output: list[str]        # state-dict keys of the output layer (weight, bias)
     #: what :func:`~modeconn.units.infer` (``strict=False``) left unpermuted, and why
     skipped: list[str] = field(default_factory=list)
-    covered: float | None = None  # fraction of the model's parameters the spec permutes (set by infer)
+    covered: float | None = None  # coverage(model) when infer made the spec
+    #: axis ranges holding hidden units left unpermuted (one UnitAxis of one unit of `block` entries each);
+    #: None when unknown (a hand-written spec: a tensor no group touches then counts as unaligned)
+    unaligned: list[UnitAxis] | None = None
 
     # ------------------------------------------------------------------ queries
     def group(self, name: str) -> UnitGroup:
@@ -166,17 +171,41 @@ class UnitSpec:
                 out.setdefault(g.tie, []).append(g.name)
         return out
 
+    def _aligned_entries(self, name: str, p: Tensor) -> int:
+        """How many entries of parameter ``name`` have every unit axis permuted."""
+        if self.unaligned is None:
+            return p.numel() if name in self.keys() or name in self.output else 0
+        masks: dict[int, Tensor] = {}
+        for ax in self.unaligned:
+            if ax.name == name:
+                if p.dim() == 0:
+                    return 0
+                m = masks.setdefault(ax.axis, torch.zeros(p.shape[ax.axis], dtype=torch.bool))
+                m[ax.offset:ax.offset + ax.block] = True
+        n = p.numel()
+        for axis, m in masks.items():
+            n = n // p.shape[axis] * int((~m).sum())
+        return n
+
     def coverage(self, params: nn.Module | Mapping[str, Tensor]) -> float:
-        """Fraction of the parameter entries (of ``model.named_parameters()``, tied ones once) that the spec
-        accounts for: tensors some group permutes, and the output layer's (its units are the model's
-        outputs, which never move); 1.0 for a model without parameters."""
+        """Fraction of the parameter entries (of ``model.named_parameters()``, tied ones once) whose unit
+        axes are all permuted: an entry counts unless one of its indices is a hidden unit the spec leaves in
+        place (``unaligned``); the input's and the output layer's units never move, so they count as aligned.
+        For a hand-written spec (``unaligned is None``): entries of tensors some group or the output touches.
+        1.0 for a model without parameters."""
         items = params.named_parameters() if isinstance(params, nn.Module) else params.items()
-        keys = self.keys() | set(self.output)
         total = hit = 0
         for name, p in items:
             total += p.numel()
-            hit += p.numel() if name in keys else 0
+            hit += self._aligned_entries(name, p)
         return hit / total if total else 1.0
+
+    def unaligned_layers(self, params: nn.Module | Mapping[str, Tensor]) -> list[str]:
+        """Module paths of the parameters with entries :meth:`coverage` does not count, in model order."""
+        items = params.named_parameters() if isinstance(params, nn.Module) else params.items()
+        out = [name.rsplit(".", 1)[0] if "." in name else name for name, p in items
+               if self._aligned_entries(name, p) < p.numel()]
+        return list(dict.fromkeys(out))
 
     def check_per_unit(self, what: str = "this construction") -> None:
         """Raise :class:`UnsupportedLayerError` if some group's units are read jointly (LayerNorm,

@@ -1,0 +1,108 @@
+"""Benchmark: seconds per AutoNEB iteration, every interior pivot in one vmapped call vs one pivot at a time.
+
+One NEB iteration (redistribution, the interior pivots' train-mode loss and gradient on one shared batch,
+the endpoints' eval-mode losses, the improved tangent, the nudge, a plain descent step) is timed with the
+interior gradients from ``modeconn.paths.neb_step.ChainStep.interior`` (one ``vmap(grad_and_value)`` call)
+and from a Python loop of ``ChainStep.one`` (plain autograd, one pivot after another), at 5, 9, 17 and 31
+pivots. The two are timed alternately in one process (``--rounds`` rounds of ``--iterations`` iterations
+each, after one warm-up round); it prints the median seconds per iteration of each and the median of the
+per-round ratios (loop / batched). Models: the default MLP (conf/model/mlp.yaml: hidden (256, 256), dropout
+0.5) on flat 8x8 digits, and Kuditipudi et al.'s conv net (conf/model/convnet.yaml: 3 conv layers of 32
+3x3 filters) on 1x8x8 digits; batch 512 (the paper's NEB batch). Timings on a shared machine are noisy;
+compare ratios measured in one process, not seconds across runs.
+
+    python bench/autoneb.py                       # both models, CPU, torch's default threads
+    python bench/autoneb.py --threads 2 --models mlp --pivots 9 31
+    python bench/autoneb.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from modeconn import data as D
+from modeconn import models
+from modeconn.paths.neb import nudge, redistribute, tangents
+from modeconn.paths.neb_step import ChainStep
+
+MODELS = {
+    "mlp": (False, lambda: models.build("mlp", (64,), 10, hidden=[256, 256], dropout=0.5)),
+    "convnet": (True, lambda: models.build("convnet", (1, 8, 8), 10, width=32, depth=3, bias=False)),
+}
+
+
+def iteration(step: ChainStep, interior: torch.Tensor, weights: torch.Tensor, x, y, batched: bool,
+              lr: float = 0.01, wd: float = 1e-4) -> torch.Tensor:
+    """One NEB iteration; returns the new interior pivots."""
+    first, last = step.flat_a.unsqueeze(0), step.flat_b.unsqueeze(0)
+    interior = redistribute(torch.cat([first, interior, last]), weights)[1:-1]
+    if batched:
+        loss, grad = step.interior(interior, x, y)
+    else:
+        pairs = [step.one(row, x, y) for row in interior]
+        loss, grad = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    ends = step.endpoints(x, y)
+    with torch.no_grad():
+        tau = tangents(torch.cat([first, interior, last]), torch.cat([ends[:1], loss, ends[1:]]))
+        return interior - lr * nudge(grad + wd * interior, tau)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, pivots: int, args, device: torch.device) -> dict:
+    image, make = MODELS[name]
+    ds = D.load("digits", image=image)
+    x, y = ds.x_train[: args.batch_size].to(device), ds.y_train[: args.batch_size].to(device)
+    torch.manual_seed(0)
+    model, a, b = make().to(device), make().state_dict(), make().state_dict()
+    step = ChainStep(model, a, b, device)
+    weights = torch.ones(pivots - 1, dtype=torch.float64)
+    w = torch.linspace(0, 1, pivots, dtype=step.flat_a.dtype, device=device)[1:-1, None]
+    start = torch.lerp(step.flat_a.expand(pivots - 2, -1), step.flat_b.expand(pivots - 2, -1), w)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(args.rounds + 1):
+        for batched in (True, False):
+            interior = start.clone()
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.iterations):
+                interior = iteration(step, interior, weights, x, y, batched)
+            _sync(device)
+            if r > 0:  # round 0 warms up
+                times[batched].append((time.perf_counter() - t0) / args.iterations)
+    ratios = [lo / ba for ba, lo in zip(times[True], times[False])]
+    return {"model": name, "pivots": pivots, "batched_s": statistics.median(times[True]),
+            "loop_s": statistics.median(times[False]), "ratio": statistics.median(ratios)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--pivots", nargs="+", type=int, default=[5, 9, 17, 31])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch_size}, "
+          f"{args.rounds} rounds of {args.iterations} iterations")
+    print(f"{'model':8} {'pivots':>6} {'batched s/it':>13} {'loop s/it':>10} {'loop/batched':>13}")
+    for name in args.models:
+        for p in args.pivots:
+            r = measure(name, p, args, device)
+            print(f"{r['model']:8} {r['pivots']:>6} {r['batched_s']:>13.4f} {r['loop_s']:>10.4f} {r['ratio']:>12.2f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

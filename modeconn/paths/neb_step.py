@@ -1,0 +1,146 @@
+"""One NEB iteration's model work: loss and gradient of every interior pivot in one vmapped call.
+
+The pivots carry only the model's *parameters* (``named_parameters``), stacked as rows of one ``[Q, D]``
+tensor. :class:`ChainStep` runs ``torch.func.vmap(grad_and_value(...))`` of a ``functional_call`` over the
+rows: one call computes every interior pivot's train-mode loss and gradient on the iteration's batch.
+All pivots share one batch: the tangent compares neighbouring pivots' energies, and on one batch their
+differences are not swamped by the batch-to-batch noise of independent minibatches (the reference draws
+one per pivot). BatchNorm uses each pivot's own batch statistics (every pivot gets its own copy of the
+buffers, discarded afterwards: running statistics are no path coordinates); dropout draws differ per pivot
+(``randomness="different"``). The endpoints get an eval-mode loss only, with their own buffers.
+:class:`BatchStream` draws the shuffled batches, with a state to save and restore.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from modeconn.data import augment_batch
+from modeconn.params.batchnorm import has_batchnorm
+from modeconn.params.state import State, float_state
+
+
+class ChainStep:
+    """The model side of a chain between ``theta_a`` and ``theta_b``: flat parameter vectors and the
+    batched loss and gradient of the interior pivots."""
+
+    def __init__(self, model: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
+                 device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.a, self.b = float_state(theta_a), float_state(theta_b)
+        self.names = [n for n, _ in model.named_parameters()]
+        missing = [n for n in self.names if n not in self.a]
+        if missing:
+            raise KeyError(f"the endpoints lack the model's parameters {missing[:5]}: were they saved from this model?")
+        dtypes = {self.a[n].dtype for n in self.names}
+        if len(dtypes) != 1:
+            raise TypeError(f"autoneb needs parameters of one floating dtype; got {sorted(map(str, dtypes))}")
+        self.shapes = [self.a[n].shape for n in self.names]
+        self.sizes = [self.a[n].numel() for n in self.names]
+        self.flat_a, self.flat_b = self.flatten(self.a), self.flatten(self.b)
+        self.batchnorm = has_batchnorm(model)
+        own = {n: b for n, b in model.named_buffers()}
+        self.ends_buffers = [{n: s[n].to(device) if n in s else v.to(device) for n, v in own.items()}
+                             for s in (self.a, self.b)]
+        self.buffers = {n: v.detach().clone().to(device) for n, v in own.items()}
+        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, None, None),
+                          randomness="different")
+
+    def flatten(self, state: Mapping[str, Tensor]) -> Tensor:
+        """A state's parameters as one flat vector ``[D]`` on the step's device."""
+        return torch.cat([state[n].detach().reshape(-1) for n in self.names]).to(self.device)
+
+    def params(self, flat: Tensor) -> dict[str, Tensor]:
+        """A flat vector as views shaped like the model's parameters."""
+        return {n: v.view(s) for n, v, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def digest(self) -> str:
+        """A sha256 of the endpoints' exact parameters and the parameter layout (identifies a chain)."""
+        h = hashlib.sha256(repr(list(zip(self.names, map(tuple, self.shapes)))).encode())
+        for flat in (self.flat_a, self.flat_b):
+            h.update(flat.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def _loss(self, flat: Tensor, buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(self.model, (self.params(flat), buffers), (x,)), y)
+
+    def interior(self, rows: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Train-mode losses ``[Q]`` and gradients ``[Q, D]`` of the pivots ``rows`` on the batch, in one call."""
+        buffers = self.buffers
+        if self.batchnorm:  # each pivot normalises by its own batch statistics; the updated copies are dropped
+            buffers = {k: v.unsqueeze(0).expand(len(rows), *v.shape).clone() for k, v in buffers.items()}
+        was = self.model.training
+        self.model.train()
+        try:
+            grads, losses = self._grad(rows.detach(), buffers, x, y)
+        finally:
+            self.model.train(was)
+        return losses.detach(), grads.detach()
+
+    def one(self, row: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One pivot's train-mode loss and gradient by plain autograd (the one-at-a-time reference)."""
+        was = self.model.training
+        self.model.train()
+        try:
+            flat = row.detach().clone().requires_grad_(True)
+            buffers = {k: v.clone() for k, v in self.buffers.items()}
+            loss = self._loss(flat, buffers, x, y)
+            (grad,) = torch.autograd.grad(loss, flat)
+        finally:
+            self.model.train(was)
+        return loss.detach(), grad
+
+    @torch.no_grad()
+    def endpoints(self, x: Tensor, y: Tensor) -> Tensor:
+        """Eval-mode losses ``[2]`` of the two endpoints on the batch (their own buffers)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            out = [F.cross_entropy(functional_call(self.model, (self.params(f), b), (x,)), y)
+                   for f, b in zip((self.flat_a, self.flat_b), self.ends_buffers)]
+        finally:
+            self.model.train(was)
+        return torch.stack(out)
+
+    def state(self, flat: Tensor, t: float) -> State:
+        """A full state dict at a pivot: its parameters, and the endpoints' other floating entries
+        interpolated at ``t`` (never used by the evaluator for BatchNorm, which recomputes statistics)."""
+        out = {n: p.detach().clone().to(self.a[n].device) for n, p in self.params(flat).items()}
+        for k in self.a:
+            if k not in out:
+                out[k] = torch.lerp(self.a[k], self.b[k], t)
+        return {k: out[k] for k in self.a}
+
+
+class BatchStream:
+    """Shuffled batches of ``batch_size`` indices into ``n`` examples (epochs without the short last batch;
+    the whole set when it is smaller than a batch), drawn from ``generator``; optional augmentation."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.size, self.gen = int(n), min(int(batch_size), int(n)), generator
+        self.order = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def indices(self) -> Tensor:
+        if self.pos + self.size > len(self.order):
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        out = self.order[self.pos : self.pos + self.size]
+        self.pos += self.size
+        return out
+
+    def next(self, x: Tensor, y: Tensor, augment: bool = False) -> tuple[Tensor, Tensor]:
+        idx = self.indices().to(x.device)
+        xb, yb = x[idx], y[idx]
+        return (augment_batch(xb, self.gen) if augment else xb), yb
+
+    def state(self) -> dict:
+        return {"generator": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state(self, state: Mapping) -> None:
+        self.gen.set_state(state["generator"])
+        self.order, self.pos = state["order"].clone(), int(state["pos"])
