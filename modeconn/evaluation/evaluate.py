@@ -126,7 +126,8 @@ def _profile_batched(stacked: Stack, x: Tensor, y: Tensor, batch_size: int) -> t
     n_batches = max(1, -(-len(x) // batch_size))
     rows = -(-len(x) // n_batches) if len(x) else batch_size
     for start in range(0, len(x), rows):
-        l, w = score(stacked.logits(x[start : start + rows]), y[start : start + rows])
+        l, w = score(stacked.logits(x[start : start + rows]), y[start : start + rows], stacked.class_dim,
+                     scratch=stacked.scratch_logits)
         loss += l
         wrong += w
     return loss / len(x), wrong / len(x)

@@ -216,19 +216,23 @@ class _SharedFirstLayer:
             out.append((i, 1.0 if hi <= lo else min(max((t - lo) / (hi - lo), 0.0), 1.0)))
         return out
 
-    def outputs(self, ts: Sequence[float], points: State, x: Tensor, out: Tensor | None = None) -> Tensor:
+    def outputs(self, ts: Sequence[float], points: State, x: Tensor, out: Tensor | None = None,
+                features_first: bool = False) -> Tensor:
         """The layer's outputs at every t of a chunk on inputs ``x``: [len(ts), len(x), ...] (written into
-        ``out`` when given). Interpolated between the waypoints' outputs when the chunk has more points than
-        waypoints, else computed from the points' own parameters (``points``)."""
+        ``out`` when given; ``features_first``: a Linear layer's [len(ts), features, len(x)]). Interpolated
+        between the waypoints' outputs when the chunk has more points than waypoints, else computed from the
+        points' own parameters (``points``)."""
         inp = x.reshape(len(x), *self.input_shape)
         segs = self.segments(ts)
         if len({i for i, _ in segs}) + 1 >= len(ts):
             own = {n: points[k] for k, n in self.keys.items()}
             value = vmap(lambda p: functional_call(self.layer, p, (inp,)))(own)
+            value = value.transpose(-1, -2) if features_first else value
             return value if out is None else out.copy_(value)
         at: dict[int, Tensor] = {}
         for w in sorted({j for i, _ in segs for j in (i, i + 1)}):
             at[w] = functional_call(self.layer, self.ends[w], (inp,))
+            at[w] = at[w].T.contiguous() if features_first else at[w]
         first = next(iter(at.values()))
         out = first.new_empty(len(ts), *first.shape) if out is None else out
         start = 0
@@ -252,6 +256,9 @@ class StackedModel:
     chunk's eval-mode logits [points, len(x), classes]. ``share_first_layer`` enables the first-layer
     shortcut (piecewise-linear paths only).
     """
+
+    class_dim = -1  # logits are [points, examples, classes]
+    scratch_logits = False  # vmap's outputs may be views (an expanded output): never written to
 
     def __init__(self, model: nn.Module, path: Path, example: Tensor, share_first_layer: bool = True):
         self.model = copy.deepcopy(model).eval()
