@@ -30,7 +30,7 @@ from modeconn.evaluation.scoring import score
 from modeconn.evaluation.sequential import SequentialStack, sequential_layers, sequential_plan
 from modeconn.evaluation.single import PointModel, profile_point
 from modeconn.evaluation.stacked import (MIN_ROWS, StackedModel, batch_rows, budgets, is_convolutional, point_chunk,
-                                         segment_of, stackable, widest_activation)
+                                         segment_of, stackable, waypoints, widest_activation)
 
 SPLITS = ("train", "test")
 Stack = StackedModel | SequentialStack
@@ -249,14 +249,16 @@ def evaluate_path(
     fetch = max(chunk, budgets(dev).parameters // max(1, n_params))  # points taken from the path at once
     single = PointModel(model, names) if chunk == 1 or make_stack is None else None
     stacked: Stack | None = None
+    known = _segment_steps(path, times, names)  # straight segments: from their lengths, not from the points
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None
     bar = tqdm(total=len(times), desc=f"eval {name or path.name}", disable=not progress, leave=False)
     for block in range(0, len(times), fetch):
         block_ts = times[block : block + fetch]
         block_points = {k: v.to(dev) for k, v in path.points(block_ts).items() if k in names}
-        steps.extend(_steps(block_points, names, previous))
-        previous = {k: block_points[k][-1:].clone() for k in names}
+        if known is None:
+            steps.extend(_steps(block_points, names, previous))
+            previous = {k: block_points[k][-1:].clone() for k in names}
         start = 0
         while start < len(block_ts):
             chunk_ts = block_ts[start : start + chunk]
@@ -279,7 +281,7 @@ def evaluate_path(
             start += len(chunk_ts)
             bar.update(len(chunk_ts))
     bar.close()
-    steps = [0.0] + steps
+    steps = [0.0] + (steps if known is None else known)
     segments = [segment_of(path.knots, t) for t in times]
     result = PathEval(
         name=name or path.name,
@@ -298,6 +300,27 @@ def evaluate_path(
     if any(not np.isfinite(v).all() for v in metrics.values()):
         result.info["warning"] = "non-finite loss along the path"
     return result
+
+
+def _segment_steps(path: Path, times: Sequence[float], names: Sequence[str]) -> list[float] | None:
+    """Distances between consecutive points of a path of straight segments (a line, a piecewise-linear
+    path), as |s_i - s_(i-1)| times the segment's length (float64, computed once per segment), when every
+    consecutive pair lies on one segment (a grid holding every knot does); else None (then :func:`_steps`
+    measures them from the points)."""
+    ways = waypoints(path)
+    if ways is None:
+        return None
+    knots, lengths, out = list(path.knots), {}, []
+    for a, b in zip(times, times[1:]):
+        j = segment_of(knots, (a + b) / 2)  # a knot between two segments belongs to both
+        lo, hi = knots[j], knots[j + 1]
+        if not (lo <= a <= hi and lo < hi):
+            return None
+        if j not in lengths:
+            lengths[j] = float(torch.sqrt(sum(torch.sum((ways[j + 1][k].double() - ways[j][k].double()) ** 2)
+                                              for k in names)))
+        out.append(abs(b - a) / (hi - lo) * lengths[j])
+    return out
 
 
 def _steps(points: dict[str, Tensor], names: Sequence[str], previous: dict[str, Tensor] | None) -> list[float]:
