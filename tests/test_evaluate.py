@@ -34,6 +34,16 @@ def bn_net(seed):
     return nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
 
 
+def bn_deep(seed):
+    """Every way a BatchNorm1d can sit in a plain MLP: after the first Linear, after a Linear through a
+    Dropout, after a Linear without bias, without affine parameters, and after a ReLU instead of a Linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, 12), nn.Dropout(0.2), nn.BatchNorm1d(12), nn.ReLU(),
+                         nn.Linear(12, 12, bias=False), nn.BatchNorm1d(12, affine=False), nn.ReLU(),
+                         nn.Linear(12, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
 def plain_metrics(model, x, y):
     with torch.no_grad():
         out = model.eval()(x)
@@ -151,7 +161,7 @@ def _bn_variant(make, seed):
     torch.manual_seed(seed)
     net = make()
     for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.5, 0.5)
     return net
@@ -284,12 +294,13 @@ def test_batchnorm_without_running_statistics_goes_one_point_at_a_time(device):
 
 
 def test_plain_mlps_take_the_buffered_path_and_match_one_point_at_a_time_in_float64(device):
-    """SequentialStack (baddbmm into reused buffers) gives the reference's numbers: float64 to 1e-12, with and
-    without BatchNorm, on a linear and a piecewise-linear path; a model it cannot run exactly is refused."""
+    """SequentialStack (batched products into reused buffers, BatchNorm folded into the Linear before it)
+    gives the reference's numbers: float64 to 1e-12, with and without BatchNorm wherever it sits, on a linear
+    and a piecewise-linear path; a model it cannot run exactly is refused."""
     x, y = data()
     x = x.double()
     assert sequential_layers(mlp(0), x) is not None and sequential_layers(Doubled(), x) is None
-    for make in (mlp, bn_net):
+    for make in (mlp, bn_net, bn_deep):
         nets = [_bn_variant(lambda s=s: make(s), s).double() for s in range(3)]
         for path in (linear(nets[0].state_dict(), nets[1].state_dict()),
                      PiecewiseLinearPath([n.state_dict() for n in nets], knots=[0, 0.4, 1])):
