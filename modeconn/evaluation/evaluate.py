@@ -323,8 +323,8 @@ def _segment_steps(path: Path, times: Sequence[float], names: Sequence[str]) -> 
         if not (lo <= a <= hi and lo < hi):
             return None
         if j not in lengths:
-            lengths[j] = float(torch.sqrt(sum(torch.sum((ways[j + 1][k].double() - ways[j][k].double()) ** 2)
-                                              for k in names)))
+            ends = [torch.cat([w[k].reshape(-1) for k in names]).double() for w in (ways[j], ways[j + 1])]
+            lengths[j] = float(torch.linalg.vector_norm(ends[1] - ends[0]))
         out.append(abs(b - a) / (hi - lo) * lengths[j])
     return out
 

@@ -35,10 +35,9 @@ def score(logits: Tensor, y: Tensor, class_dim: int = -1, scratch: bool = False)
         loss = torch.logsumexp(logits, c) - picked
         return loss.sum(1, dtype=torch.float64), wrong.sum(1).to(torch.float64)
     shifted = logits.sub_(top) if scratch else logits - top
-    # x - m is 0 at the maxima and negative elsewhere: the number of maxima is numel + sum(sign), one per
-    # example unless classes tie (sign and a sum: about 5x faster than count_nonzero on a CPU)
-    maxima = shifted.numel() + torch.sign(shifted).sum(dtype=torch.float64)
-    if float(maxima) > picked.numel():
+    # x - m is 0 at the maxima and negative elsewhere: an example has C + sum(sign) maxima, one unless classes
+    # tie (sign and a sum: about 5x faster than count_nonzero on a CPU)
+    if bool((torch.sign(shifted).sum(c) > 1 - shifted.shape[c]).any()):
         wrong = shifted.argmax(c) != y.unsqueeze(0)  # subtracting a row's constant keeps its argmax
     else:
         wrong = picked < top.squeeze(c)

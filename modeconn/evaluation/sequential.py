@@ -18,6 +18,7 @@ are skipped in that pass.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -75,10 +76,12 @@ def sequential_layers(model: nn.Module, example: Tensor) -> list[tuple[str, nn.M
 
 
 class _Buffers:
-    """Flat storage per layer, viewed as [points, rows, width] at each call: allocated once, reused."""
+    """Flat storage per layer, viewed as [points, features, examples] at each call: allocated once, reused.
+    Holding more than ``limit`` elements in all, it lets go of the other layers' storage."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.store: dict[int, Tensor] = {}
+        self.limit = limit
 
     def get(self, i: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
         n = 1
@@ -86,8 +89,25 @@ class _Buffers:
             n *= s
         flat = self.store.get(i)
         if flat is None or flat.numel() < n or flat.dtype != like.dtype or flat.device != like.device:
+            if self.limit is not None and sum(v.numel() for v in self.store.values()) + n > self.limit:
+                self.store = {}
             flat = self.store[i] = torch.empty(n, dtype=like.dtype, device=like.device)
         return flat[:n].view(shape)
+
+
+_WORKSPACE = threading.local()
+
+
+def workspace(device: torch.device) -> _Buffers:
+    """The buffers of a :class:`SequentialStack`: on a CPU the calling thread's, kept from one evaluation to
+    the next (at most twice :data:`SEQUENTIAL_ACTIVATIONS` elements), so that an evaluation does not page
+    in tens of MiB of fresh memory (a quarter of a small MLP's evaluation time in a plain process); on a
+    GPU new ones (its caching allocator reuses memory anyway)."""
+    if device.type != "cpu":
+        return _Buffers()
+    if getattr(_WORKSPACE, "buffers", None) is None:
+        _WORKSPACE.buffers = _Buffers(limit=2 * SEQUENTIAL_ACTIVATIONS)
+    return _WORKSPACE.buffers
 
 
 class SequentialStack:
@@ -95,7 +115,8 @@ class SequentialStack:
 
     The interface of :class:`modeconn.evaluation.stacked.StackedModel`: ``load(ts, points)``, then with
     BatchNorm ``statistics(inputs)``, then ``logits(x)``, which returns [points, classes, len(x)]
-    (:attr:`class_dim` 1) in a buffer that the next call overwrites.
+    (:attr:`class_dim` 1) in a buffer that the next call overwrites (the next call of any stack of the same
+    thread on a CPU: :func:`workspace`).
     """
 
     class_dim = 1
@@ -104,7 +125,7 @@ class SequentialStack:
     def __init__(self, model: nn.Module, path: Path, example: Tensor, layers: list[tuple[str, nn.Module]],
                  share_first_layer: bool = True):
         self.layers = layers
-        self.buffers = _Buffers()
+        self.buffers = workspace(example.device)
         self.first: _SharedFirstLayer | None = None
         states = waypoints(path) if share_first_layer else None
         first_name, first = next((n, m) for n, m in layers if type(m) is nn.Linear)
@@ -248,7 +269,7 @@ def _feeds_norm(layers: list[tuple[str, nn.Module]]) -> dict[int, int]:
 
 
 SEQUENTIAL_ACTIVATIONS = 1 << 23  # elements of every layer's output buffers together, on a CPU (32 MiB float32)
-SCORE_ELEMENTS = 1 << 15  # point-examples of a data batch on a CPU: the scorer's temporaries stay under 128 KiB
+SCORE_ELEMENTS = 1 << 17  # point-examples of a data batch on a CPU (the scorer's [points, examples] temporaries)
 
 
 def sequential_plan(layers: list[tuple[str, nn.Module]], n_points: int, n_params: int, n_items: int,

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -206,6 +207,7 @@ class _SharedFirstLayer:
         local = [n for n, _ in layer.named_parameters()]
         self.keys = {f"{name}.{n}": n for n in local}
         self.ends = [{n: w[k].to(device) for k, n in self.keys.items()} for w in waypoint_states]
+        self._segments: tuple[tuple[float, ...] | None, list[tuple[int, float]]] = (None, [])
 
     def segments(self, ts: Sequence[float]) -> list[tuple[int, float]]:
         """(segment, position in it) of every t, as the path computes its points."""
@@ -216,6 +218,15 @@ class _SharedFirstLayer:
             out.append((i, 1.0 if hi <= lo else min(max((t - lo) / (hi - lo), 0.0), 1.0)))
         return out
 
+    def _apply(self, params: dict[str, Tensor], inp: Tensor) -> Tensor:
+        """The layer with ``params``: its own forward for a Linear or a convolution (``functional_call``
+        costs more than a small layer's product), ``functional_call`` otherwise."""
+        if type(self.layer) is nn.Linear:
+            return F.linear(inp, params["weight"], params.get("bias"))
+        if isinstance(self.layer, _ConvNd):
+            return self.layer._conv_forward(inp, params["weight"], params.get("bias"))
+        return functional_call(self.layer, params, (inp,))
+
     def outputs(self, ts: Sequence[float], points: State, x: Tensor, out: Tensor | None = None,
                 features_first: bool = False) -> Tensor:
         """The layer's outputs at every t of a chunk on inputs ``x``: [len(ts), len(x), ...] (written into
@@ -223,7 +234,10 @@ class _SharedFirstLayer:
         between the waypoints' outputs when the chunk has more points than waypoints, else computed from the
         points' own parameters (``points``)."""
         inp = x.reshape(len(x), *self.input_shape)
-        segs = self.segments(ts)
+        key = tuple(ts)
+        if self._segments[0] != key:  # the same chunk's points for every data batch: looked up once
+            self._segments = (key, self.segments(ts))
+        segs = self._segments[1]
         if len({i for i, _ in segs}) + 1 >= len(ts):
             own = {n: points[k] for k, n in self.keys.items()}
             value = vmap(lambda p: functional_call(self.layer, p, (inp,)))(own)
@@ -231,7 +245,7 @@ class _SharedFirstLayer:
             return value if out is None else out.copy_(value)
         at: dict[int, Tensor] = {}
         for w in sorted({j for i, _ in segs for j in (i, i + 1)}):
-            at[w] = functional_call(self.layer, self.ends[w], (inp,))
+            at[w] = self._apply(self.ends[w], inp)
             at[w] = at[w].T.contiguous() if features_first else at[w]
         first = next(iter(at.values()))
         out = first.new_empty(len(ts), *first.shape) if out is None else out

@@ -118,6 +118,9 @@ class LinearPath(Path):
         t = as_times(ts)
         return {k: _lerp_stacked(a, self.theta_b[k], t.to(a.device)) for k, a in self.theta_a.items()}
 
+    def keys(self) -> list[str]:
+        return list(self.theta_a)
+
 
 def linear(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> LinearPath:
     """The straight path between two state dicts of the same architecture."""
@@ -182,6 +185,9 @@ class PiecewiseLinearPath(Path):
         if len(k) != n + 1 or k[0] != 0.0 or k[-1] != 1.0 or any(b < a for a, b in zip(k, k[1:])):
             raise ValueError(f"knots must be {n + 1} non-decreasing times from 0 to 1; got {k}")
         return k
+
+    def keys(self) -> list[str]:
+        return list(self.waypoints[0])
 
     def segment_of(self, t: float) -> int:
         """Index of the segment that contains t (a knot belongs to the segment it starts)."""
