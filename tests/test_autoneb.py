@@ -168,6 +168,33 @@ def test_one_vmapped_call_equals_a_loop_over_pivots(make, flat):
     assert model.training is False  # the caller's mode is left as it was
 
 
+class _StochasticDepthNet(nn.Module):
+    """A residual block with torchvision's StochasticDepth (an in-place draw vmap cannot make per pivot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.inp, self.fc, self.out = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+        self.drop = StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(h + self.drop(self.fc(h)))
+
+
+def test_a_model_whose_random_draws_vmap_cannot_batch_shares_them_across_pivots(flat):
+    torch.manual_seed(0)
+    a, b = _StochasticDepthNet().state_dict(), _StochasticDepthNet().state_dict()
+    step = ChainStep(_StochasticDepthNet(), a, b, flat[0].device)
+    rows = torch.stack([torch.lerp(step.flat_a, step.flat_b, w) for w in (0.25, 0.5, 0.75)])
+    losses, grads = step.interior(rows, flat[0][:64], flat[1][:64])
+    assert step.randomness == "same" and torch.isfinite(losses).all() and grads.shape == rows.shape
+    path = autoneb(_StochasticDepthNet(), a, b, (flat[0][:256], flat[1][:256]), batch_size=64, progress=False,
+                   cycles=[{"insert": "equal(1)", "iterations": 3, "lr": 0.01}])
+    assert len(path.knots) == 3 and torch.equal(path(1.0)["out.weight"], b["out.weight"])
+
+
 # ------------------------------------------------------------------------------------- runs
 
 MB_A = [-200, -100, -170, 15]

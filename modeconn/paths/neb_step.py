@@ -7,12 +7,15 @@ All pivots share one batch: the tangent compares neighbouring pivots' energies, 
 differences are not swamped by the batch-to-batch noise of independent minibatches (the reference draws
 one per pivot). BatchNorm uses each pivot's own batch statistics (every pivot gets its own copy of the
 buffers, discarded afterwards: running statistics are no path coordinates); dropout draws differ per pivot
-(``randomness="different"``). The endpoints get an eval-mode loss only, with their own buffers.
+(``randomness="different"``), except in a model whose random op vmap cannot draw per pivot (an in-place
+draw into a new tensor, as torchvision's StochasticDepth does), where the pivots share them. The endpoints
+get an eval-mode loss only, with their own buffers.
 :class:`BatchStream` draws the shuffled batches, with a state to save and restore.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +26,14 @@ from torch.func import functional_call, grad_and_value, vmap
 from modeconn.data import augment_batch
 from modeconn.params.batchnorm import has_batchnorm
 from modeconn.params.state import State, float_state
+
+
+log = logging.getLogger(__name__)
+
+# vmap's refusal of ``randomness="different"`` for a random op that writes in place into a tensor without the
+# pivots' axis (torchvision's StochasticDepth: ``torch.empty(...).bernoulli_(p)``); such a model's pivots
+# then share their random draws (``randomness="same"``), as they share their batch
+_SAME_RANDOMNESS = "Cannot ask for different inplace randomness on an unbatched tensor"
 
 
 class ChainStep:
@@ -48,8 +59,12 @@ class ChainStep:
         self.ends_buffers = [{n: s[n].to(device) if n in s else v.to(device) for n, v in own.items()}
                              for s in (self.a, self.b)]
         self.buffers = {n: v.detach().clone().to(device) for n, v in own.items()}
-        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, None, None),
-                          randomness="different")
+        self.randomness = "different"
+        self._grad = self._vmapped("different")
+
+    def _vmapped(self, randomness: str):
+        return vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, None, None),
+                    randomness=randomness)
 
     def flatten(self, state: Mapping[str, Tensor]) -> Tensor:
         """A state's parameters as one flat vector ``[D]`` on the step's device."""
@@ -77,7 +92,15 @@ class ChainStep:
         was = self.model.training
         self.model.train()
         try:
-            grads, losses = self._grad(rows.detach(), buffers, x, y)
+            try:
+                grads, losses = self._grad(rows.detach(), buffers, x, y)
+            except RuntimeError as e:  # a random op vmap cannot draw per pivot (see _SAME_RANDOMNESS)
+                if self.randomness != "different" or _SAME_RANDOMNESS not in str(e):
+                    raise
+                self.randomness, self._grad = "same", self._vmapped("same")
+                log.info("autoneb: the model draws random numbers in place on unbatched tensors (e.g. "
+                         "torchvision's StochasticDepth); every pivot gets the same dropout draws")
+                grads, losses = self._grad(rows.detach(), buffers, x, y)
         finally:
             self.model.train(was)
         return losses.detach(), grads.detach()
