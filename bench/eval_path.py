@@ -29,6 +29,7 @@ evaluation and each of the other two. Times are only reported, never asserted on
     python bench/eval_path.py --model vgg11_bn --data synthetic --points 21 --repeats 1 --epochs 1
     python bench/eval_path.py --model preresnet20 --data synthetic --width 0.5 --chunks 4
     python bench/eval_path.py --device cuda --json eval_mlp.json
+    python bench/eval_path.py --suite --json eval_suite.json       # every model kind, one table (issue 28)
 """
 from __future__ import annotations
 
@@ -79,7 +80,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heap", action="store_true",
                    help="call modeconn.io.heap.keep_freed_memory() first, as the CLI does (default: a plain process)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--suite", action="store_true",
+                   help="run SUITE (every model kind against the loop) in this process and print one table")
     return p.parse_args(argv)
+
+
+# Issue 28's table: every model kind against the user's loop (each entry: extra command-line arguments)
+SUITE = {
+    "MLP 64-65-33-49-10": ["--model", "mlp", "--hidden", "65", "33", "49", "--no-train"],
+    "default MLP 2x256": ["--model", "mlp", "--no-train"],
+    "MLP + BatchNorm1d (200, 150)": ["--model", "mlp_bn", "--hidden", "200", "150", "--no-train"],
+    "conv net (Kuditipudi et al.)": ["--model", "convnet", "--no-train"],
+    "small conv net + BatchNorm2d": ["--model", "convnet_bn", "--no-train"],
+    "VGG-11-BN (1/8 width), 3x32x32": ["--model", "vgg11_bn", "--data", "synthetic", "--points", "21", "--no-train"],
+    "PreResNet-20, 3x32x32": ["--model", "preresnet20", "--data", "synthetic", "--points", "21", "--no-train"],
+}
+
+
+def suite(argv: list[str]) -> list[dict]:
+    """Every entry of :data:`SUITE` (with ``argv``'s other options, e.g. ``--threads``), then one table."""
+    rows = []
+    for label, extra in SUITE.items():
+        print(f"\n== {label}", flush=True)
+        rows.append({"label": label, **main([*extra, *argv])})
+    print("\n| model | points | loop s | one at a time / loop | batched / loop |\n|---|---|---|---|---|")
+    for r in rows:
+        m = r["methods"]
+        print(f"| {r['label']} | {r['points']} | {m['loop']['median_s']:.3f} | "
+              f"{m['one_at_a_time']['speedup_vs_loop']:.2f}x | **{m['batched']['speedup_vs_loop']:.2f}x** |")
+    return rows
 
 
 MODELS = ["mlp", "mlp_bn", "convnet", "convnet_bn", "vgg11", "vgg11_bn", "vgg16_bn", "preresnet20"]
@@ -240,4 +269,13 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if "--suite" in sys.argv[1:]:
+        rest = [a for a in sys.argv[1:] if a != "--suite"]
+        if "--json" in rest:
+            i = rest.index("--json")
+            out, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+            Path(out).write_text(json.dumps(suite(rest), indent=2) + "\n")
+        else:
+            suite(rest)
+    else:
+        main()
