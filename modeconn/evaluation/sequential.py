@@ -2,19 +2,20 @@
 
 For an ``nn.Sequential`` of Flatten, Linear, BatchNorm1d, ReLU, Dropout and Identity layers (modeconn's
 ``mlp`` and most hand-written MLPs) a chunk of points is evaluated without ``vmap``, features first: every
-activation is a [points, features, examples] buffer kept for the whole evaluation, each Linear layer is one
-``bmm`` of the chunk's stacked weights into it plus the bias, ReLU runs in place, BatchNorm is its
-per-channel scale and shift, Dropout is off. Examples last make the per-feature work (bias, BatchNorm's
-statistics over examples, the scorer's reductions over the classes) run along contiguous rows. Reusing the
+activation is a [points, features, examples] buffer, each Linear layer is one ``bmm`` of the chunk's stacked
+weights into it plus the bias, ReLU runs in place, Dropout is off. Examples last make the per-feature work
+(bias, BatchNorm's statistics over examples, the scorer's reductions over the classes) run along contiguous
+rows. An eval-mode BatchNorm after a Linear is folded into that Linear's weights and bias (a pass over the
+weights instead of two over the activations); elsewhere it is its per-channel scale and shift. Reusing the
 buffers matters on a CPU: a fresh allocation above glibc's mmap threshold (128 KiB in a plain process) is
-page-faulted in anew at every batch, which costs as much as the products of a small MLP; for the same
-reason a data batch holds at most :data:`SCORE_ELEMENTS` point-examples, so the scorer's [points, examples]
-temporaries stay under that threshold. The first Linear layer of a piecewise-linear path is interpolated
-between its waypoints' outputs (:class:`modeconn.evaluation.stacked._SharedFirstLayer`). BatchNorm
-statistics are every point's own, a cumulative average over batches of
+page-faulted in anew, which costs as much as the products of a small MLP, so they are kept per thread
+from one evaluation to the next (:func:`workspace`). The first Linear layer of a piecewise-linear path is
+interpolated between its waypoints' outputs (:class:`modeconn.evaluation.stacked._SharedFirstLayer`).
+BatchNorm statistics are every point's own, a cumulative average over batches of
 :data:`~modeconn.params.batchnorm.STATISTICS_BATCH` inputs in train mode, as
 :func:`modeconn.params.batchnorm.recompute_statistics` computes them; the layers after the last BatchNorm
-are skipped in that pass.
+are skipped in that pass, and a Linear's bias before a BatchNorm (which the batch mean removes) is added to
+the recorded mean instead of to the activations.
 """
 from __future__ import annotations
 
