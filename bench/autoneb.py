@@ -2,9 +2,11 @@
 
 One NEB iteration (redistribution, the interior pivots' train-mode loss and gradient on one shared batch,
 the endpoints' eval-mode losses, the improved tangent, the nudge, a plain descent step) is timed with the
-interior gradients from ``modeconn.paths.neb_step.ChainStep.interior`` (one ``vmap(grad_and_value)`` call)
-and from a Python loop of ``ChainStep.one`` (plain autograd, one pivot after another), at 5, 9, 17 and 31
-pivots. The two are timed alternately in one process (``--rounds`` rounds of ``--iterations`` iterations
+interior gradients from ``modeconn.paths.neb_step.ChainStep.interior`` (one ``vmap(grad_and_value)`` call,
+every pivot with the same dropout draws; a conv net on a CPU one pivot after another, since a vmapped
+convolution is a grouped one and slower there: ``--force-vmap`` times the vmapped call anyway) and from the
+loop the reference runs, ``ChainStep.one`` for each pivot (plain autograd, its own dropout draws), at 5, 9,
+17 and 31 pivots. The two are timed alternately in one process (``--rounds`` rounds of ``--iterations`` iterations
 each, after one warm-up round); it prints the median seconds per iteration of each and the median of the
 per-round ratios (loop / batched). Models: the default MLP (conf/model/mlp.yaml: hidden (256, 256), dropout
 0.5) on flat 8x8 digits, and Kuditipudi et al.'s conv net (conf/model/convnet.yaml: 3 conv layers of 32
@@ -62,6 +64,7 @@ def measure(name: str, pivots: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model, a, b = make().to(device), make().state_dict(), make().state_dict()
     step = ChainStep(model, a, b, device)
+    step.one_by_one = step.one_by_one and not args.force_vmap
     weights = torch.ones(pivots - 1, dtype=torch.float64)
     w = torch.linspace(0, 1, pivots, dtype=step.flat_a.dtype, device=device)[1:-1, None]
     start = torch.lerp(step.flat_a.expand(pivots - 2, -1), step.flat_b.expand(pivots - 2, -1), w)
@@ -90,6 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force-vmap", action="store_true", help="vmap the pivots of a conv net on a CPU too")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

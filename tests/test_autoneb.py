@@ -183,16 +183,39 @@ class _StochasticDepthNet(nn.Module):
         return self.out(h + self.drop(self.fc(h)))
 
 
-def test_a_model_whose_random_draws_vmap_cannot_batch_shares_them_across_pivots(flat):
+def test_pivots_share_their_random_draws_and_stochastic_depth_runs(flat):
+    """Common random numbers: identical pivots get identical losses and gradients under dropout and under
+    torchvision's StochasticDepth (an in-place draw vmap could not make per pivot)."""
     torch.manual_seed(0)
+    for make in (lambda: nets.mlp([16])(), _StochasticDepthNet):
+        a, b = make().state_dict(), make().state_dict()
+        step = ChainStep(make(), a, b, flat[0].device)
+        row = torch.lerp(step.flat_a, step.flat_b, 0.5)
+        losses, grads = step.interior(torch.stack([row, row, row]), flat[0][:64], flat[1][:64])
+        assert torch.isfinite(losses).all() and torch.equal(losses[0], losses[2]) and torch.equal(grads[0], grads[2])
     a, b = _StochasticDepthNet().state_dict(), _StochasticDepthNet().state_dict()
-    step = ChainStep(_StochasticDepthNet(), a, b, flat[0].device)
-    rows = torch.stack([torch.lerp(step.flat_a, step.flat_b, w) for w in (0.25, 0.5, 0.75)])
-    losses, grads = step.interior(rows, flat[0][:64], flat[1][:64])
-    assert step.randomness == "same" and torch.isfinite(losses).all() and grads.shape == rows.shape
     path = autoneb(_StochasticDepthNet(), a, b, (flat[0][:256], flat[1][:256]), batch_size=64, progress=False,
                    cycles=[{"insert": "equal(1)", "iterations": 3, "lr": 0.01}])
     assert len(path.knots) == 3 and torch.equal(path(1.0)["out.weight"], b["out.weight"])
+
+
+def test_a_conv_net_on_a_cpu_goes_one_pivot_at_a_time_with_the_vmapped_numbers(flat):
+    from modeconn.models import build
+
+    make = lambda: build("convnet", (1, 8, 8), 10, width=4, depth=2, channel_dropout=0.2)  # noqa: E731
+    torch.manual_seed(0)
+    a, b = make().state_dict(), make().state_dict()
+    step = ChainStep(make(), a, b, torch.device("cpu"))
+    rows = torch.stack([torch.lerp(step.flat_a, step.flat_b, w) for w in (0.3, 0.7)] * 2)  # pivots 0, 2 equal
+    x, y = flat[0][:64].reshape(64, 1, 8, 8).cpu(), flat[1][:64].cpu()
+    assert step.one_by_one
+    torch.manual_seed(1)
+    losses, grads = step.interior(rows, x, y)
+    step.one_by_one = False
+    torch.manual_seed(1)
+    vm_losses, vm_grads = step.interior(rows, x, y)
+    assert torch.allclose(losses, vm_losses, atol=1e-5) and torch.allclose(grads, vm_grads, atol=1e-5)
+    assert torch.equal(losses[0], losses[2]) and torch.equal(grads[0], grads[2])  # shared channel-dropout draws
 
 
 # ------------------------------------------------------------------------------------- runs

@@ -15,11 +15,29 @@ TANGENTS = ("improved", "reference")
 
 def segment_lengths(chain: Tensor) -> Tensor:
     """Euclidean length of each of the P-1 segments of a ``[P, D]`` chain (float64 ``[P-1]``)."""
-    return torch.linalg.vector_norm((chain[1:] - chain[:-1]).double(), dim=1)
+    return torch.linalg.vector_norm(chain[1:] - chain[:-1], dim=1).double()
 
 
-def _unit(v: Tensor) -> Tensor:
-    return v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-30)
+def tangent_weights(energies: Tensor, plus_norm: Tensor, minus_norm: Tensor, rule: str = "improved") -> Tensor:
+    """The weights ``[Q, 2]`` of tau+ and tau- in every interior pivot's (unnormalised) tangent, from the
+    pivots' ``energies`` ``[P]`` and the lengths of tau+ and tau- ``[Q]`` (see :func:`tangents`)."""
+    e = energies.to(plus_norm.dtype)
+    up, down = e[2:] - e[1:-1], e[1:-1] - e[:-2]  # E_{i+1} - E_i and E_i - E_{i-1}
+    d_max, d_min = torch.maximum(up.abs(), down.abs()), torch.minimum(up.abs(), down.abs())
+    next_higher = e[2:] > e[:-2]
+    if rule == "improved":  # the higher neighbour's direction gets dE_max
+        w_plus, w_minus = torch.where(next_higher, d_max, d_min), torch.where(next_higher, d_min, d_max)
+    else:  # the reference code's: unit vectors, the lower neighbour's direction gets dE_max
+        w_plus = torch.where(next_higher, d_min, d_max) / plus_norm.clamp_min(1e-30)
+        w_minus = torch.where(next_higher, d_max, d_min) / minus_norm.clamp_min(1e-30)
+    one, zero = torch.ones_like(up), torch.zeros_like(up)
+    rising, falling = (up > 0) & (down > 0), (up < 0) & (down < 0)
+    w_plus, w_minus = torch.where(rising, one, torch.where(falling, zero, w_plus)), \
+        torch.where(rising, zero, torch.where(falling, one, w_minus))
+    flat = (w_plus == 0) & (w_minus == 0)  # equal energies: the bisector of the two unit directions
+    w_plus = torch.where(flat, 1 / plus_norm.clamp_min(1e-30), w_plus)
+    w_minus = torch.where(flat, 1 / minus_norm.clamp_min(1e-30), w_minus)
+    return torch.stack([w_plus, w_minus], 1)
 
 
 def tangents(chain: Tensor, energies: Tensor, rule: str = "improved") -> Tensor:
@@ -30,37 +48,29 @@ def tangents(chain: Tensor, energies: Tensor, rule: str = "improved") -> Tensor:
     E_{i+1} < E_i < E_{i-1}; at a local extremum tau = tau+ dE_max + tau- dE_min when E_{i+1} > E_{i-1} and
     tau = tau+ dE_min + tau- dE_max otherwise (dE_max / dE_min: the larger / smaller of |E_{i+/-1} - E_i|).
     ``"reference"`` is the rule of Draxler et al.'s code: at an extremum it blends the two *unit* vectors and
-    gives dE_max to the direction of the *lower* neighbour.
+    gives dE_max to the direction of the *lower* neighbour. Each tangent is a weighted sum of two
+    neighbouring segments (:func:`tangent_weights`), formed for all pivots in one product of a
+    ``[P-2, P-1]`` band of weights with the ``[P-1, D]`` segments.
     """
     if rule not in TANGENTS:
         raise ValueError(f"tangent must be one of {', '.join(TANGENTS)}; got {rule!r}")
     if chain.dim() != 2 or chain.shape[0] < 3 or energies.shape != (chain.shape[0],):
         raise ValueError(f"tangents need a [P, D] chain with P >= 3 and P energies; got {tuple(chain.shape)} "
                          f"and {tuple(energies.shape)}")
-    e = energies.to(chain.dtype)
-    plus, minus = chain[2:] - chain[1:-1], chain[1:-1] - chain[:-2]
-    if rule == "reference":
-        plus, minus = _unit(plus), _unit(minus)
-    up, down = e[2:] - e[1:-1], e[1:-1] - e[:-2]  # E_{i+1} - E_i and E_i - E_{i-1}
-    d_max = torch.maximum(up.abs(), down.abs()).unsqueeze(1)
-    d_min = torch.minimum(up.abs(), down.abs()).unsqueeze(1)
-    next_higher = (e[2:] > e[:-2]).unsqueeze(1)
-    if rule == "improved":  # the higher neighbour's direction gets dE_max
-        w_plus, w_minus = torch.where(next_higher, d_max, d_min), torch.where(next_higher, d_min, d_max)
-    else:  # the lower neighbour's direction gets dE_max
-        w_plus, w_minus = torch.where(next_higher, d_min, d_max), torch.where(next_higher, d_max, d_min)
-    blend = plus * w_plus + minus * w_minus
-    rising = ((up > 0) & (down > 0)).unsqueeze(1)
-    falling = ((up < 0) & (down < 0)).unsqueeze(1)
-    tau = torch.where(rising, plus, torch.where(falling, minus, blend))
-    flat = torch.linalg.vector_norm(tau, dim=1, keepdim=True) == 0  # equal energies: the bisector
-    tau = torch.where(flat, _unit(plus) + _unit(minus), tau)
-    return _unit(tau)
+    segments = chain[1:] - chain[:-1]
+    norms = torch.linalg.vector_norm(segments, dim=1)
+    w = tangent_weights(energies, norms[1:], norms[:-1], rule)
+    q = chain.shape[0] - 2
+    band = segments.new_zeros(q, q + 1)
+    rows = torch.arange(q, device=chain.device)
+    band[rows, rows + 1], band[rows, rows] = w[:, 0], w[:, 1]
+    tau = band @ segments
+    return tau.div_(torch.linalg.vector_norm(tau, dim=1, keepdim=True).clamp_min_(1e-30))
 
 
 def nudge(grad: Tensor, tangent: Tensor) -> Tensor:
     """The gradient's part perpendicular to the unit tangent, row by row: g - <g, tau> tau."""
-    return grad - (grad * tangent).sum(1, keepdim=True) * tangent
+    return grad - torch.linalg.vecdot(grad, tangent).unsqueeze(1) * tangent
 
 
 def target_lengths(chain: Tensor, weights: Tensor) -> Tensor:
@@ -94,5 +104,8 @@ def redistribute(chain: Tensor, weights: Tensor) -> Tensor:
     target = total * w.cumsum(0)[:-1] / w.sum()  # arc length of each interior pivot
     seg = (torch.searchsorted(arc, target, right=True) - 1).clamp(0, p - 2)
     frac = ((target - arc[seg]) / lengths[seg].clamp_min(1e-300)).clamp(0, 1).to(chain.dtype)
-    interior = torch.lerp(chain[seg], chain[seg + 1], frac.unsqueeze(1))
-    return torch.cat([chain[:1], interior, chain[-1:]])
+    mix = chain.new_zeros(p - 2, p)  # each new pivot: (1 - f) theta_seg + f theta_seg+1, all in one product
+    rows = torch.arange(p - 2, device=chain.device)
+    mix[rows, seg.to(chain.device)] = 1 - frac.to(chain.device)
+    mix[rows, seg.to(chain.device) + 1] += frac.to(chain.device)
+    return torch.cat([chain[:1], mix @ chain, chain[-1:]])

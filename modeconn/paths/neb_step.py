@@ -3,19 +3,20 @@
 The pivots carry only the model's *parameters* (``named_parameters``), stacked as rows of one ``[Q, D]``
 tensor. :class:`ChainStep` runs ``torch.func.vmap(grad_and_value(...))`` of a ``functional_call`` over the
 rows: one call computes every interior pivot's train-mode loss and gradient on the iteration's batch.
-All pivots share one batch: the tangent compares neighbouring pivots' energies, and on one batch their
-differences are not swamped by the batch-to-batch noise of independent minibatches (the reference draws
-one per pivot). BatchNorm uses each pivot's own batch statistics (every pivot gets its own copy of the
-buffers, discarded afterwards: running statistics are no path coordinates); dropout draws differ per pivot
-(``randomness="different"``), except in a model whose random op vmap cannot draw per pivot (an in-place
-draw into a new tensor, as torchvision's StochasticDepth does), where the pivots share them. The endpoints
-get an eval-mode loss only, with their own buffers.
+All pivots share one batch and one draw of every random op (dropout masks, stochastic depth:
+``randomness="same"``): common random numbers. The tangent compares neighbouring pivots' energies, and on
+one batch with one set of masks their differences are not swamped by the noise of independent draws (the
+reference draws a batch and masks per pivot); the expected gradient of every pivot is unchanged. It is
+also what vmap can batch for every model (a random op that draws in place into a new tensor, as
+torchvision's StochasticDepth does, cannot differ per pivot), and drawing the masks once instead of once per
+pivot halves a dropout MLP's iteration on a CPU. BatchNorm uses each pivot's own batch statistics (every
+pivot gets its own copy of the buffers, discarded afterwards: running statistics are no path coordinates).
+The endpoints get an eval-mode loss only, with their own buffers.
 :class:`BatchStream` draws the shuffled batches, with a state to save and restore.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Mapping
 
 import torch
@@ -24,16 +25,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from modeconn.data import augment_batch
+from modeconn.evaluation.stacked import is_convolutional
 from modeconn.params.batchnorm import has_batchnorm
 from modeconn.params.state import State, float_state
-
-
-log = logging.getLogger(__name__)
-
-# vmap's refusal of ``randomness="different"`` for a random op that writes in place into a tensor without the
-# pivots' axis (torchvision's StochasticDepth: ``torch.empty(...).bernoulli_(p)``); such a model's pivots
-# then share their random draws (``randomness="same"``), as they share their batch
-_SAME_RANDOMNESS = "Cannot ask for different inplace randomness on an unbatched tensor"
 
 
 class ChainStep:
@@ -59,12 +53,11 @@ class ChainStep:
         self.ends_buffers = [{n: s[n].to(device) if n in s else v.to(device) for n, v in own.items()}
                              for s in (self.a, self.b)]
         self.buffers = {n: v.detach().clone().to(device) for n, v in own.items()}
-        self.randomness = "different"
-        self._grad = self._vmapped("different")
-
-    def _vmapped(self, randomness: str):
-        return vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, None, None),
-                    randomness=randomness)
+        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, None, None),
+                          randomness="same")
+        # vmap over pivots turns a convolution into a grouped one, which a CPU runs about 2x slower than the
+        # same convolutions one pivot at a time (bench/autoneb.py); a GPU batches them
+        self.one_by_one = device.type == "cpu" and is_convolutional(model)
 
     def flatten(self, state: Mapping[str, Tensor]) -> Tensor:
         """A state's parameters as one flat vector ``[D]`` on the step's device."""
@@ -85,22 +78,23 @@ class ChainStep:
         return F.cross_entropy(functional_call(self.model, (self.params(flat), buffers), (x,)), y)
 
     def interior(self, rows: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Train-mode losses ``[Q]`` and gradients ``[Q, D]`` of the pivots ``rows`` on the batch, in one call."""
+        """Train-mode losses ``[Q]`` and gradients ``[Q, D]`` of the pivots ``rows`` on the batch, in one call
+        (a convolutional model on a CPU: one pivot after another with the same random draws, see
+        :attr:`one_by_one`)."""
+        if self.one_by_one:
+            state = torch.get_rng_state()
+            out = []
+            for row in rows:  # every pivot starts from the same random state: the same draws, as vmap's "same"
+                torch.set_rng_state(state)
+                out.append(self.one(row, x, y))
+            return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
         buffers = self.buffers
         if self.batchnorm:  # each pivot normalises by its own batch statistics; the updated copies are dropped
             buffers = {k: v.unsqueeze(0).expand(len(rows), *v.shape).clone() for k, v in buffers.items()}
         was = self.model.training
         self.model.train()
         try:
-            try:
-                grads, losses = self._grad(rows.detach(), buffers, x, y)
-            except RuntimeError as e:  # a random op vmap cannot draw per pivot (see _SAME_RANDOMNESS)
-                if self.randomness != "different" or _SAME_RANDOMNESS not in str(e):
-                    raise
-                self.randomness, self._grad = "same", self._vmapped("same")
-                log.info("autoneb: the model draws random numbers in place on unbatched tensors (e.g. "
-                         "torchvision's StochasticDepth); every pivot gets the same dropout draws")
-                grads, losses = self._grad(rows.detach(), buffers, x, y)
+            grads, losses = self._grad(rows.detach(), buffers, x, y)
         finally:
             self.model.train(was)
         return losses.detach(), grads.detach()
