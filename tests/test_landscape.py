@@ -22,6 +22,7 @@ from modeconn.landscape.plots import _edge_matrix
 from modeconn.landscape.report import write_report
 from modeconn.models import build
 from modeconn.params.path import float_state
+from conftest import requires
 from nets import train_full_batch
 
 
@@ -209,13 +210,57 @@ def test_the_cli_refuses_bad_landscape_options_in_one_line(tmp_path, capsys, mon
 
     for arg, words in (("engines=[foo]", "landscape.engines"), ("minima=1", "landscape.minima"),
                        ("landscape.bogus=1", "landscape: unknown option"), ("-m", "drop -m"),
-                       (f"endpoints=[{tmp_path}/none.pt,{tmp_path}/b.pt]", "none.pt")):
+                       (f"endpoints=[{tmp_path}/none.pt,{tmp_path}/b.pt]", "none.pt"),
+                       ("threshold=inf", "landscape.threshold"), ("endpoints=5", "endpoints"),
+                       ("minima=1000000000000", "landscape.minima=1000000000000 would need about"),
+                       ("eval.num_points=1000000000", "eval.num_points")):
         monkeypatch.setattr(sys, "argv", ["modeconn", "landscape", arg, f"hydra.run.dir={tmp_path}/r"])
         with pytest.raises(SystemExit) as exit_:
             main()
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def _in_process(args, capsys, monkeypatch, cwd):
+    from modeconn.run.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["modeconn", "landscape", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    return exit_.value.code, err
+
+
+def test_a_landscape_directory_has_one_driver_and_its_minima_one_config(tmp_path, capsys, monkeypatch):
+    """A second driver in a locked landscape directory exits 2 naming the holder; minima trained under another
+    model option (found before any plan was written) are refused by name, and nothing is written."""
+    from modeconn.run.lock import run_lock
+
+    out = tmp_path / "ls"
+    args = [*TINY, "minima=2", "data=synthetic", "trainer.epochs=1", f"hydra.run.dir={out}"]
+    with run_lock(out):
+        code, err = _in_process(args, capsys, monkeypatch, tmp_path)
+    assert code == 2 and f"in use by process {os.getpid()}" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    from modeconn.run.landscape import compose_config, driver_overrides, pair_config, train_minima, trained_minima
+    from modeconn.run.pipeline import load_data
+    from modeconn.run.preflight import endpoint_identity
+
+    cfg = pair_config(compose_config(driver_overrides(args)))  # minima of model.dropout=0.5, as an interrupted
+    data = load_data(cfg, torch.device("cpu"))                  # landscape leaves them (no plan.json yet)
+    train_minima(cfg, data, trained_minima(cfg, out, 2), torch.device("cpu"),
+                 endpoint_identity(cfg, data, torch.device("cpu")))
+    before = _tree(out)
+    code, err = _in_process([*args, "model.dropout=0.3"], capsys, monkeypatch, tmp_path)
+    assert code == 2 and "model.dropout" in err and "seed0.pt" in err and len(err.strip().splitlines()) == 1, err
+    assert _tree(out) == before
 
 
 @pytest.mark.slow  # three tiny minima, three pairs as Hydra jobs in subprocesses: about 25 s
@@ -235,13 +280,38 @@ def test_the_cli_runs_pairs_as_jobs_and_a_rerun_redoes_nothing(tmp_path):
     again = cli(*TINY, f"hydra.run.dir={out}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    before = _tree(out)
     other = cli(*TINY, "trainer.epochs=3", f"hydra.run.dir={out}", cwd=tmp_path)
     assert other.returncode == 2 and "run.trainer.epochs" in other.stderr
+    assert _tree(out) == before  # a refused rerun changes no byte of the landscape directory
     assert "| seed0 |" in (out / "report.md").read_text()
+    moved = tmp_path / "moved"  # the minima's files are recorded relative to the directory: a copy carries on
+    out.rename(moved)
+    again = cli(*TINY, f"hydra.run.dir={moved}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(moved.joinpath(f.relative_to(out)).stat().st_mtime_ns == t for f, t in stamps.items())  # not redone
 
 
-@pytest.mark.skipif(not any(os.path.isdir(os.path.join(p, "hydra_plugins", "hydra_joblib_launcher")) for p in sys.path),
-                    reason="hydra-joblib-launcher is not installed (pip install 'modeconn[launchers]')")
+@pytest.mark.parametrize("file, content, words", [
+    ("plan.json", "[1]", ["plan.json", "not an object"]),
+    ("plan.json", "[" * 100_000 + "]" * 100_000, ["plan.json", "nested too deeply"]),
+    ("plan.json", '{"settings": {}, "rounds": [{"pairs": 5}]}', ["plan.json", "rounds[0].pairs"]),
+    ("minima.json", '{"names": ["seed0"], "losses": 5}', ["minima.json", "losses"]),
+])
+def test_malformed_landscape_files_are_one_line_and_change_nothing(file, content, words, tmp_path, capsys,
+                                                                    monkeypatch):
+    out = tmp_path / "ls"
+    out.mkdir()
+    (out / file).write_text(content)
+    before = _tree(out)
+    code, err = _in_process([*TINY, "minima=2", "data=synthetic", "trainer.epochs=1", f"hydra.run.dir={out}"],
+                            capsys, monkeypatch, tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    assert _tree(out) == before
+
+
+@requires("hydra_plugins.hydra_joblib_launcher", extra="launchers")
 @pytest.mark.slow
 def test_the_cli_runs_pairs_through_the_joblib_launcher(tmp_path):
     out = tmp_path / "ls"

@@ -155,6 +155,68 @@ def test_train_names_the_first_differing_identity_key(tmp_path):
         train(net, data, cfg, seed=0, checkpoint_path=tmp_path / "a.pt", progress=False, identity={"model.dropout": 0.3})
 
 
+@pytest.fixture(scope="module")
+def curve_run(finished, tmp_path_factory):
+    """An interrupted run between given endpoints (``finished``'s) whose trained Bezier curve is in work/."""
+    root = tmp_path_factory.mktemp("curve")
+    ends = f"endpoints=[{finished}/endpoints/seed0.pt,{finished}/endpoints/seed1.pt]"
+    args = [*CURVE, ends]
+    mp = pytest.MonkeyPatch()
+    try:
+        code, _, err = invoke([*args, f"hydra.run.dir={root}/run"], _NoCapture(), mp, root)
+    finally:
+        mp.undo()
+    assert code == 0, err
+    (root / "run" / "summary.json").unlink()
+    assert (root / "run" / "work" / "bezier.pt").is_file()
+    return root / "run", args
+
+
+CURVE = [*(a for a in TINY if not a.startswith("path=")), *DIGITS_LIKE, "path=[bezier]", "path.bezier.epochs=1"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.seed=1", "data.seed"), ("model.dropout=0.3", "model.dropout"), ("path.bezier.lr=0.1", "path.bezier.lr"),
+    ("seed=1", "seed"),
+])
+@pytest.mark.slow  # the CLI end to end, seconds per case
+def test_work_files_of_another_config_are_refused_before_anything_is_written(override, key, curve_run, tmp_path,
+                                                                            capsys, monkeypatch):
+    """Given endpoints, so no endpoint file vouches for the data and model: the curve in work/ was trained on
+    other data or another model (wrong results with exit 0 before), or with another lr (refused only after
+    config.yaml, .hydra/ and provenance.json were rewritten)."""
+    run = copy_run(curve_run[0], tmp_path)
+    line = refused_unchanged([*curve_run[1], override], run, capsys, monkeypatch, key, "work/")
+    assert line.index(key) < line.index(";")
+    linear = [*(a for a in curve_run[1] if not a.startswith("path.bezier")), "path=[linear]"]
+    code, _, err = invoke([*linear, f"hydra.run.dir={run}"], capsys, monkeypatch, tmp_path)
+    assert code == 0, err  # another selection of paths goes on; the curve's entries stay recorded
+    (run / "summary.json").unlink()
+    refused_unchanged([*curve_run[1], "path.bezier.lr=0.1"], run, capsys, monkeypatch, "path.bezier.lr")
+
+
+@pytest.mark.slow  # the CLI end to end, seconds per case
+def test_log_lines_of_the_checks_leave_cli_log_alone(tmp_path, finished, capsys, monkeypatch):
+    """Reading DDP-prefixed endpoints logs what was stripped; a refused or already-finished rerun must not
+    append that to the run's cli.log."""
+    files = []
+    for seed in (0, 1):
+        state = torch.load(finished / "endpoints" / f"seed{seed}.pt", weights_only=True)
+        files.append(tmp_path / f"ddp{seed}.pt")
+        torch.save({f"module.{k}": v for k, v in state.items()}, files[-1])
+    args = [*TINY, *DIGITS_LIKE, f"endpoints=[{files[0]},{files[1]}]"]
+    run = tmp_path / "run"
+    code, _, err = invoke([*args, f"hydra.run.dir={run}"], capsys, monkeypatch, tmp_path)
+    assert code == 0, err
+    assert "stripped the prefix 'module.'" in (run / "cli.log").read_text()
+    line = refused_unchanged([*args, "trainer.lr=0.1"], run, capsys, monkeypatch, "first difference: trainer.lr")
+    assert "another config" in line
+    before = tree(run)
+    code, out, err = invoke([*args, f"hydra.run.dir={run}"], capsys, monkeypatch, tmp_path)
+    assert code == 0 and "already finished" in out, err
+    assert tree(run) == before
+
+
 # ----------------------------------------------------------------- 3: malformed files and values
 
 
@@ -223,6 +285,106 @@ def test_a_file_name_too_long_is_one_line(tmp_path, capsys, monkeypatch):
     one_line(code, err, "File name too long")
 
 
+@pytest.mark.parametrize("mutate, words", [
+    (lambda x: {**x, "identity": 5}, ["bezier.pt", "identity"]),
+    (lambda x: {k: v for k, v in x.items() if k != "state"}, ["bezier.pt", "state: missing"]),
+    (lambda x: {**x, "epoch": "x"}, ["bezier.pt", "epoch"]),
+    (lambda x: [1, 2], ["bezier.pt", "list"]),
+    (lambda x: {**x, "state": {"free": torch.zeros(3)}}, ["bezier.pt", "state.free"]),
+], ids=["identity", "no-state", "epoch", "a-list", "too-narrow"])
+@pytest.mark.slow  # the CLI end to end, seconds per case
+def test_a_malformed_resume_file_in_work_is_one_line_before_anything_is_written(mutate, words, curve_run, tmp_path,
+                                                                              capsys, monkeypatch):
+    run = copy_run(curve_run[0], tmp_path)
+    file = run / "work" / "bezier.pt"
+    torch.save(mutate(torch.load(file, weights_only=True)), file)
+    refused_unchanged(curve_run[1], run, capsys, monkeypatch, *words, "delete")
+
+
+@pytest.mark.parametrize("dtype, ok", [(torch.float64, True), (torch.int64, False)])
+@pytest.mark.slow  # the CLI end to end, seconds per case
+def test_the_runs_own_endpoint_files_of_other_dtypes(dtype, ok, finished, tmp_path, capsys, monkeypatch):
+    """An interrupted run's own finished endpoint converted to float64 is used as float32 (a crash before);
+    one of integers is refused by name before anything is written."""
+    run = interrupted(finished, tmp_path)
+    file = run / "endpoints" / "seed0.pt"
+    torch.save({k: (v * 100).to(dtype) if v.is_floating_point() else v
+                for k, v in torch.load(file, weights_only=True).items()}, file)
+    if ok:
+        code, _, err = invoke([*TINY, *DIGITS_LIKE, f"hydra.run.dir={run}"], capsys, monkeypatch, tmp_path)
+        assert code == 0, err
+    else:
+        refused_unchanged([*TINY, *DIGITS_LIKE], run, capsys, monkeypatch, "seed0.pt", "int64", "float32")
+
+
+def _edit_summary(run, fn):
+    summary = json.loads((run / "summary.json").read_text())
+    fn(summary)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.pop("paths"), ["summary.json", "paths: missing"]),
+    (lambda s: s["paths"]["linear"].pop("barriers"), ["summary.json", "barriers: missing"]),
+    (lambda s: s["paths"]["linear"]["barriers"]["train_loss"].pop("chord"), ["summary.json", "chord: missing"]),
+], ids=["no-paths", "no-barriers", "no-column"])
+@pytest.mark.slow  # the finished run's fixture
+def test_report_reads_only_summaries_of_its_shape(edit, words, finished, tmp_path, capsys, monkeypatch):
+    run = copy_run(finished, tmp_path)
+    _edit_summary(run, edit)
+    code, _, err = invoke(["report", str(run)], capsys, monkeypatch, tmp_path)
+    one_line(code, err.replace("modeconn report: error:", "modeconn: error:"), *words)
+
+
+@pytest.mark.slow  # the finished run's fixture
+def test_report_arguments_and_interpolations_are_one_line(finished, tmp_path, capsys, monkeypatch):
+    code, _, err = invoke(["report", str(finished), "--metric", "bogus"], capsys, monkeypatch, tmp_path)
+    one_line(code, err.replace("modeconn report: error:", "modeconn: error:"), "--metric", "bogus")
+    run = copy_run(finished, tmp_path)
+    (run / "config.yaml").write_text("name: ${nosuch}\nseed: 0\n")
+    code, _, err = invoke(["report", str(run)], capsys, monkeypatch, tmp_path)
+    one_line(code, err.replace("modeconn report: error:", "modeconn: error:"), "config.yaml", "nosuch")
+
+
+def test_a_random_bytes_npz_is_named_without_advice_to_unpickle(tmp_path, capsys, monkeypatch):
+    (tmp_path / "d.npz").write_bytes(os.urandom(300))
+    code, _, err = invoke([*TINY[1:], "data=tensors", "data.path=d.npz", f"hydra.run.dir={tmp_path}/run"], capsys,
+                          monkeypatch, tmp_path)
+    line = one_line(code, err, "data.path d.npz", "not a .npz archive")
+    assert "pickle" not in line and "unsafe" not in line
+
+
+@pytest.mark.parametrize("override, classes, words", [
+    ("data.augment=maybe", 2, ["data.augment", "true or false"]), ("data.mean=[nan,0,0]", 2, ["data.mean"]),
+    ("data.size=100000", 2, ["data.size=100000", "would need about"]), ("", 1, ["data.root", "at least 2"]),
+])
+def test_an_image_folder_of_bad_values_is_refused_before_any_work(override, classes, words, tmp_path, capsys,
+                                                                  monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in "ab"[:classes]:
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), "uint8")).save(tmp_path / "imgs" / split / c / "0.png")
+    args = [*TINY[1:], "data=folder", f"data.root={tmp_path}/imgs", *override.split(), f"hydra.run.dir={tmp_path}/run"]
+    code, _, err = invoke(args, capsys, monkeypatch, tmp_path)
+    one_line(code, err, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_past_the_estimates_is_one_line(tmp_path, capsys, monkeypatch):
+    import modeconn.run.pipeline as pipeline
+
+    def short_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 688001376 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(pipeline, "train", short_of_memory)
+    code, _, err = invoke([*TINY, f"hydra.run.dir={tmp_path}/run"], capsys, monkeypatch, tmp_path)
+    one_line(code, err, "out of memory", "688001376 bytes")
+
+
 # ----------------------------------------------------------------- 4 and 5: bad values, refused early
 
 BAD_VALUES = [
@@ -236,13 +398,24 @@ BAD_VALUES = [
     ("path=[bezier] path.bezier.num_bends=1000000000", "path.bezier.num_bends"),
     ("path=[dropout] model.hidden=[]", "path.dropout"),
     ("path=[noise] model=preresnet20", "path.noise"),
+    ("endpoints=5", "endpoints"), ("endpoints=abc", "endpoints"), ("stability.figure2=5", "stability.figure2"),
+    ("+stability.figure2={trials:0}", "stability.figure2.trials"),
+    ("+stability.figure2={segment_p:nan}", "stability.figure2.segment_p"),
+    ("data.num_test=1000000000", "data.num_test"), ("data.input_shape=[100000,100000]", "data.input_shape"),
+    ("model.hidden=[10000000000]", "would need about"),
+    ("path=[autoneb] path.autoneb.cycles=[{insert: 'equal(1000000000)', iterations: 1, lr: 0.1}]",
+     "path.autoneb.cycles"),
+    ("path=[autoneb] path.autoneb.cycles=[{insert: leave, iterations: 1, lr: 0.1, repeat: 1000000000}]",
+     "path.autoneb.cycles"),
 ]
 
 
 @pytest.mark.parametrize("override, key", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 @pytest.mark.slow  # the CLI end to end, seconds per case
 def test_bad_values_are_refused_before_any_work(override, key, tmp_path, capsys, monkeypatch):
-    args = [*(a for a in TINY if not (a.startswith("model.hidden") and "model=" in override)), *override.split()]
+    drop = "model=" in override or "model.hidden" in override  # the override replaces TINY's model.hidden
+    args = [*(a for a in TINY if not (a.startswith("model.hidden") and drop)), *override.split(" path.")[0].split()]
+    args += [f"path.{rest}" for rest in override.split(" path.")[1:]]
     code, _, err = invoke([*args, f"hydra.run.dir={tmp_path}/run"], capsys, monkeypatch, tmp_path)
     one_line(code, err, key)
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
@@ -252,6 +425,20 @@ def test_memory_refusals_name_the_estimate(tmp_path, capsys, monkeypatch):
     code, _, err = invoke([*TINY, "eval.num_points=1000000000", f"hydra.run.dir={tmp_path}/run"], capsys, monkeypatch,
                           tmp_path)
     assert "would need about 512.0 GB" in one_line(code, err, "eval.num_points")
+
+
+def test_memory_estimates_cover_figure2_nets_and_name_the_key():
+    from omegaconf import OmegaConf
+
+    from modeconn.models import build
+    from modeconn.run import memory
+
+    cfg = OmegaConf.create({"eval": {"num_points": 3}, "path": {"linear": None},
+                            "stability": {"figure2": {"trials": 10 ** 9}}})
+    with pytest.raises(ValueError, match=r"stability.figure2.trials=1000000000 would need about .* GB"):
+        memory.check_run(cfg, build("mlp", (64,), 10, hidden=[8]), torch.device("cpu"))
+    huge = memory.model_parameters(lambda: build("mlp", (16,), 4, hidden=[10 ** 9]))  # counted, not allocated
+    assert huge == 16 * 10 ** 9 + 10 ** 9 + 4 * 10 ** 9 + 4
 
 
 def test_api_refuses_bad_sizes():
@@ -267,6 +454,13 @@ def test_api_refuses_bad_sizes():
         evaluate_path(net, linear(state, state), data, num_points=3, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
         weight_matching(net, state, state, example_input=data[0], max_iter=-1)
+    from modeconn.align.activations import activation_matching
+    from modeconn.align.repair import repair
+
+    with pytest.raises(ValueError, match="max_items must be null or an integer >= 1; got -1"):
+        activation_matching(net, state, state, data, max_items=-1)  # every max_items meets the data's check
+    with pytest.raises(ValueError, match="max_items must be null or an integer >= 1; got 0"):
+        repair(linear(state, state), net, data, max_items=0)
 
 
 # ----------------------------------------------------------------- 6: one writer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -171,7 +172,10 @@ def _iter_tensors(x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool,
 
 def materialize(data: Any, split: str = "train", max_items: int | None = None,
                 device: DeviceLike | None = None) -> tuple[Tensor, Tensor]:
-    """All of ``data`` (or its first ``max_items`` examples) as one ``(x, y)`` pair of tensors."""
+    """All of ``data`` (or its first ``max_items`` examples, an integer >= 1) as one ``(x, y)`` pair of tensors."""
+    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, numbers.Integral)
+                                  or max_items < 1):
+        raise ValueError(f"max_items must be null or an integer >= 1; got {max_items!r}")
     xs, ys, count = [], [], 0
     for xb, yb in iter_batches(data, split=split, device=device):
         if max_items is not None:

@@ -8,6 +8,7 @@ split's own). Every problem is an error naming ``data.root`` or the file.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ def _stats(value: Any, key: str, channels: int) -> torch.Tensor | None:
         return None
     values = [value] if isinstance(value, (int, float)) else list(value) if isinstance(value, Sequence) else None
     if values is None or len(values) not in (1, channels) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise ValueError(f"data.{key} must be null, a number or {channels} numbers (one per channel); got {value!r}")
     if key == "std" and any(v <= 0 for v in values):
         raise ValueError(f"data.std must be positive; got {value!r}")

@@ -9,6 +9,7 @@ the entry.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def _read(file: Path) -> dict[str, Any]:
     if file.suffix == ".npz":
+        if not zipfile.is_zipfile(file):  # numpy would read anything else as a pickle (and advise unpickling it)
+            raise ValueError(f"data.path {file} is not a .npz archive (random bytes or another format)")
         try:
             with np.load(file, allow_pickle=False) as arrays:  # object arrays (pickles) are refused
                 return {k: arrays[k] for k in arrays.files}

@@ -37,22 +37,9 @@ from modeconn.io.jsonfile import MissingFileError, UnreadableFileError, read_jso
 from modeconn.io.state_formats import (PICKLE_STAND_INS, explain_mismatch, is_safetensors, log_notes, match_prefixes,
                                        read_safetensors, unwrap)
 
-__all__ = [
-    "CheckpointMismatchError",
-    "UnreadableFileError",
-    "MissingFileError",
-    "safe_load",
-    "fingerprint",
-    "describe_mismatch",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "strict_json",
-    "atomic_torch_save",
-    "sidecar_path",
-    "save_checkpoint",
-    "load_checkpoint",
-    "read_meta",
-]
+__all__ = ["CheckpointMismatchError", "UnreadableFileError", "MissingFileError", "safe_load", "fingerprint",
+           "describe_mismatch", "atomic_write_bytes", "atomic_write_json", "strict_json", "atomic_torch_save",
+           "sidecar_path", "save_checkpoint", "load_checkpoint", "read_meta"]
 
 _DIGEST_CHARS = 16
 
@@ -349,13 +336,35 @@ def read_meta(path: str | os.PathLike) -> dict | None:
     side = sidecar_path(path)
     if not side.exists():
         return None
-    return read_json(side, "checkpoint sidecar", SIDECAR_SHAPE,
-                     hint=f"delete it and {Path(path).name} to start that step over")
+    hint = f"delete it and {Path(path).name} to start that step over"
+    meta = read_json(side, "checkpoint sidecar", SIDECAR_SHAPE, hint=hint)
+    if meta.get("finished") and "metrics" not in meta:  # what a finished training returns when it is reused
+        raise UnreadableFileError(f"checkpoint sidecar {side} marks a finished training but has no metrics; {hint}")
+    return meta
 
 
 # what a sidecar's values must be where modeconn reads them (other keys are the caller's own)
 SIDECAR_SHAPE = {"finished": bool, "seed": (int, type(None)), "config": dict, "metrics": {str: (int, float, type(None))},
                  "identity": dict, "fingerprint": {"digest": str, "shapes": {str: [int]}}}
+
+
+def _to_model_dtypes(state: Mapping[str, Any], model: nn.Module, path: Path) -> dict:
+    """``state`` with each floating tensor converted to the dtype of the model's (a float16 or float64
+    checkpoint for a float32 model); an integer or boolean tensor where the model has a floating one is
+    refused by key (:class:`CheckpointMismatchError`): casting it would invent weights."""
+    out = dict(state)
+    for key, ref in model.state_dict().items():
+        value = state.get(key)
+        if not (torch.is_tensor(value) and torch.is_tensor(ref)) or value.dtype == ref.dtype:
+            continue
+        if value.is_floating_point() and ref.is_floating_point():
+            out[key] = value.to(ref.dtype)
+        else:
+            name = str(value.dtype).replace("torch.", "")
+            raise CheckpointMismatchError(f"checkpoint {path}: {key} is {name}, but the model's is "
+                                          f"{str(ref.dtype).replace('torch.', '')}; only floating-point weights "
+                                          "are converted")
+    return out
 
 
 def load_checkpoint(
@@ -369,7 +378,9 @@ def load_checkpoint(
     formats of :mod:`modeconn.io.state_formats` (wrappers, Lightning; with ``model``, DDP / Lightning /
     torch.compile prefixes when the stripped keys are exactly the model's). With ``model``, the fingerprint
     is compared to the model's (parameters and buffers) and ``CheckpointMismatchError`` names the
-    differences; the state is *not* loaded into the model (call ``model.load_state_dict``).
+    differences, and floating tensors are converted to the model's dtypes (float16 or float64 files for a
+    float32 model; an integer tensor where the model's is floating is a ``CheckpointMismatchError`` naming
+    it); the state is *not* loaded into the model (call ``model.load_state_dict``).
     """
     path = Path(path)
     state, notes = unwrap(safe_load(path, "checkpoint", map_location=map_location), f"checkpoint {path}")
@@ -382,6 +393,7 @@ def load_checkpoint(
             detail = describe_mismatch(expected, shown) or "fingerprints differ"
             raise CheckpointMismatchError(
                 f"checkpoint {path} was made for a different architecture than the config's model: {detail}{hint}")
+        state = _to_model_dtypes(state, model, path)
         notes += stripped
     log_notes(path, notes)
     return state, meta

@@ -3,8 +3,9 @@ damaged one is one clear error naming the file, never a traceback.
 
 A file may be missing, not text, not JSON, nested too deep to parse (``RecursionError``), of the wrong
 shape (``{"metrics": 5}``), or a YAML file with Python tags (``!!python/object``, refused by the safe
-loader): each is an :class:`UnreadableFileError` (a ``ValueError``) saying what is wrong. Shapes are
-checked with a small description (:func:`check_shape`), so the code that uses a value can trust its type.
+loader) or with a broken ``${...}`` interpolation: each is an :class:`UnreadableFileError` (a ``ValueError``)
+saying what is wrong. Shapes are checked with a small description (:func:`check_shape`), so the code that uses
+a value can trust its type and the keys it needs (:class:`Required`) are there.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UnreadableFileError", "MissingFileError", "read_json", "read_yaml", "check_shape", "NUMBER", "OPTIONAL"]
+__all__ = ["UnreadableFileError", "MissingFileError", "read_json", "read_yaml", "check_shape", "Required", "NUMBER",
+           "OPTIONAL"]
 
 
 class UnreadableFileError(ValueError):
@@ -27,6 +29,13 @@ class MissingFileError(UnreadableFileError, FileNotFoundError):
 
 NUMBER = (int, float)
 OPTIONAL = type(None)
+
+
+class Required:
+    """In a ``{key: shape}`` description: the key must be present (other listed keys may be absent)."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
 
 
 def _names(kinds) -> str:
@@ -46,9 +55,11 @@ def check_shape(value: Any, shape: Any, where: str = "") -> str | None:
     number"``), or None.
 
     ``shape`` is a type or tuple of types (``bool`` is not a number), ``{key: shape}`` for an object whose
-    listed keys, when present, have those shapes, ``{str: shape}`` for an object all of whose values do,
-    or ``[shape]`` for a list of items of that shape.
+    listed keys, when present, have those shapes (``{key: Required(shape)}``: and must be present),
+    ``{str: shape}`` for an object all of whose values do, or ``[shape]`` for a list of items of that shape.
     """
+    if isinstance(shape, Required):
+        shape = shape.shape
     if isinstance(shape, dict):
         if not isinstance(value, dict):
             return f"{where or 'the file'}: an object expected, got {_json_kind(value)}"
@@ -56,6 +67,9 @@ def check_shape(value: Any, shape: Any, where: str = "") -> str | None:
             items = value.items()
             shape = {k: shape[str] for k in value}
         else:
+            missing = [k for k, v in shape.items() if isinstance(v, Required) and k not in value]
+            if missing:
+                return f"{where + '.' if where else ''}{missing[0]}: missing"
             items = ((k, value[k]) for k in shape if k in value)
         for k, v in items:
             found = check_shape(v, shape[k], f"{where}.{k}" if where else str(k))
@@ -124,4 +138,11 @@ def read_yaml(path: str | os.PathLike, what: str, hint: str = "") -> Any:
         raise UnreadableFileError(f"{what} {path} cannot be read{kind} ({first}){tail}") from None
     if not isinstance(cfg, (DictConfig, Mapping)):
         raise UnreadableFileError(f"{what} {path} holds {type(cfg).__name__}, not a mapping{tail}")
+    try:  # every ${...} resolves (its users read resolved values)
+        OmegaConf.to_container(cfg, resolve=True)
+    except RecursionError:
+        raise UnreadableFileError(f"{what} {path} is nested too deeply to be read{tail}") from None
+    except Exception as e:  # noqa: BLE001 - OmegaConf's interpolation errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableFileError(f"{what} {path} cannot be read ({first}){tail}") from None
     return cfg

@@ -11,10 +11,11 @@ true and an interrupted run from mixing settings.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
+import logging
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -70,6 +71,13 @@ def sha256(file: str | Path) -> str:
     return h.hexdigest()
 
 
+def _flat(node, prefix: str = "") -> dict:
+    """A nested config as dotted keys (``{"trainer.lr": 0.05, ...}``; an empty mapping stays one key)."""
+    if isinstance(node, Mapping) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
 def result_config(cfg) -> dict:
     """The config keys a run's results depend on (compared when a run directory is reused)."""
     return {k: v for k, v in to_container(cfg).items() if k not in NOT_COMPARED}
@@ -88,6 +96,50 @@ SUMMARY_SHAPE = {
 
 def _read_json(file: Path, what: str, shape=dict) -> dict:
     return read_json(file, what, shape, hint=f"delete the run directory {file.parent} to start the run over")
+
+
+def read_provenance(file: Path) -> dict:
+    """A run's ``provenance.json`` (:data:`PROVENANCE_SHAPE`; else one error naming the file)."""
+    return _read_json(file, "provenance file", PROVENANCE_SHAPE)
+
+
+class _Held(logging.Filter):
+    """Keeps the records a handler would write (see :func:`held_file_logs`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def held_file_logs() -> Iterator[Callable[[], None]]:
+    """Hold back what would be written to log files (a run's ``cli.log``) while a run is checked; the caller
+    calls the yielded ``release()`` once the run starts writing, which writes the held records in order. A
+    run refused or found finished before that drops them, so its directory's log is not touched (the
+    console handlers are not held)."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    handlers = {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers
+                if isinstance(h, logging.FileHandler)}
+    holds = [(h, _Held()) for h in handlers]
+    for h, f in holds:
+        h.addFilter(f)
+
+    def release() -> None:
+        for h, f in holds:
+            h.removeFilter(f)
+            for record in f.records:
+                h.handle(record)
+        holds.clear()
+
+    try:
+        yield release
+    finally:
+        for h, f in holds:
+            h.removeFilter(f)
 
 
 def endpoint_file(out_dir: Path, recorded: str) -> Path:
@@ -128,16 +180,18 @@ def check_existing(cfg: DictConfig, out_dir: Path, prov: Mapping) -> dict | None
     if not summary_file.exists():
         started = out_dir / PROVENANCE_FILE
         if started.exists():
-            check_provenance(out_dir, _read_json(started, "provenance file", PROVENANCE_SHAPE), prov, allow,
-                             finished=False)
+            check_provenance(out_dir, read_provenance(started), prov, allow, finished=False)
         return None
     summary = _read_json(summary_file, "summary", SUMMARY_SHAPE)
     config_file = out_dir / "config.yaml"
     if config_file.exists():
         stored = read_yaml(config_file, "run config", hint="choose a new run directory")
-        if result_config(stored) != result_config(cfg):
-            raise ConfigError(f"{out_dir} holds a finished run made with another config; choose a new run "
-                              "directory (hydra.run.dir / hydra.sweep.dir) instead of overwriting it")
+        old, new = _flat(result_config(stored)), _flat(result_config(cfg))
+        diffs = [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in {**new, **old} if old.get(k) != new.get(k)]
+        if diffs:
+            raise ConfigError(f"{out_dir} holds a finished run made with another config (first difference: "
+                              f"{diffs[0].split(':')[0]}; {'; '.join(diffs[:3])}; saved vs requested); choose a new "
+                              "run directory (hydra.run.dir / hydra.sweep.dir) instead of overwriting it")
     for end in summary.get("endpoints", []):
         file, digest = end.get("file"), end.get("sha256")
         if file is None or digest is None:

@@ -8,7 +8,6 @@ through Hydra; :func:`run_pair` fills them in-process; :func:`pair_edges` reads 
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -21,9 +20,11 @@ from modeconn.align.step import align_endpoints, path_variants
 from modeconn.data import resolve_device
 from modeconn.evaluation.evaluate import PathEval, evaluate_path
 from modeconn.io.checkpoint import atomic_write_json
+from modeconn.io.jsonfile import Required, read_json
 from modeconn.params.checks import check_path_losses
 from modeconn.params.state import float_state
 from modeconn.paths.registry import PathContext, build_path
+from modeconn.reporting.figures import read_profile
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PAIRS = "pairs"
@@ -58,19 +59,27 @@ def pair_edges(out_dir: str | FilePath, a: str, b: str) -> dict[str, dict]:
     """Every path of a finished pair, by label: ``{"max_loss", "barrier", "t_saddle", "path_file", "path"}``
     (``path_file`` relative to ``out_dir``); ``{}`` while the pair is not finished."""
     folder = pair_dir(out_dir, a, b)
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except FileNotFoundError:
+    if not (folder / "summary.json").is_file():
         return {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"landscape pair {folder}: summary.json cannot be read ({e}); delete the folder to "
-                         "run the pair again") from None
+    summary = read_pair(folder)
     out = {}
-    for label, entry in sorted((summary.get("paths") or {}).items()):
+    for label, entry in sorted(summary["paths"].items()):
         loss = entry["barriers"]["train_loss"]
         out[label] = {"max_loss": loss["max"], "barrier": loss["epsilon"], "t_saddle": loss["argmax_t"],
                       "path_file": f"{PAIRS}/{pair_name(a, b)}/paths/{label}.json", "path": label}
     return out
+
+
+_NUMBER = Required((int, float))
+#: what a pair's ``summary.json`` must hold for its edges (:func:`modeconn.io.jsonfile.check_shape`)
+PAIR_SHAPE = {"paths": Required({str: {"barriers": Required({"train_loss": Required(
+    {"max": _NUMBER, "epsilon": _NUMBER, "argmax_t": _NUMBER})})}})}
+
+
+def read_pair(folder: str | FilePath) -> dict:
+    """A finished pair's ``summary.json`` (:data:`PAIR_SHAPE`; else one error naming the file)."""
+    return read_json(FilePath(folder) / "summary.json", "landscape pair summary", PAIR_SHAPE,
+                     hint=f"delete {folder} to run the pair again")
 
 
 def edge_records(out_dir: str | FilePath, pairs: Sequence[tuple[str, str]], path: str | None = None) -> list[dict]:
@@ -99,7 +108,7 @@ def path_labels(out_dir: str | FilePath, pairs: Sequence[tuple[str, str]]) -> li
 
 def load_profile(out_dir: str | FilePath, edge: Mapping) -> PathEval:
     """The :class:`PathEval` profile behind an edge record."""
-    return PathEval.load(FilePath(out_dir) / edge["path_file"])
+    return read_profile(FilePath(out_dir) / edge["path_file"])
 
 
 def run_pair(model: nn.Module, theta_a: Mapping, theta_b: Mapping, data, out_dir: str | FilePath, a: str, b: str, *,
@@ -111,7 +120,7 @@ def run_pair(model: nn.Module, theta_a: Mapping, theta_b: Mapping, data, out_dir
     interrupted one resumes from its constructor's checkpoints in ``work/``. Returns the summary."""
     folder = pair_dir(out_dir, a, b)
     if (folder / "summary.json").is_file():
-        return json.loads((folder / "summary.json").read_text())
+        return read_pair(folder)
     started = time.time()
     dev = resolve_device(device)
     model = model.to(dev)

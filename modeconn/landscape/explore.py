@@ -23,6 +23,7 @@ from torch import nn
 
 from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from modeconn.io.jsonfile import Required, UnreadableFileError, read_json
 from modeconn.landscape.edges import (check_names, edge_records, is_finished, pair_dir, path_labels, run_pair)
 from modeconn.landscape.engines import Pair, check_engines, propose
 from modeconn.landscape.graph import Landscape
@@ -43,11 +44,20 @@ def minimum_losses(model: nn.Module, thetas: Mapping[str, Mapping], data, *, max
     return out
 
 
-def _read_json(file: FilePath, what: str) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"landscape {what} {file} cannot be read ({e}); choose a new out_dir") from None
+_NUM = (int, float, type(None))  # a loss (null: not finite)
+#: what ``plan.json`` and ``minima.json`` must hold (:func:`modeconn.io.jsonfile.check_shape`)
+PLAN_SHAPE = {"settings": Required(dict), "rounds": Required([{"engine": str, "pairs": Required([[str]])}])}
+MINIMA_SHAPE = {"names": Required([str]), "losses": Required({str: _NUM}), "files": {str: str}, "sha256": {str: str}}
+
+
+def _read_json(file: FilePath, what: str, shape) -> dict:
+    return read_json(file, f"landscape {what}", shape, hint="choose a new out_dir (hydra.run.dir) or delete the file")
+
+
+def read_minima(out_dir: str | FilePath) -> dict | None:
+    """``minima.json`` of the exploration in ``out_dir`` (:data:`MINIMA_SHAPE`), or None before it is written."""
+    file = FilePath(out_dir) / MINIMA
+    return _read_json(file, "minima file", MINIMA_SHAPE) if file.exists() else None
 
 
 def check_settings(out_dir: str | FilePath, settings: Mapping) -> None:
@@ -61,8 +71,10 @@ def _load_plan(out_dir: FilePath, settings: Mapping) -> dict:
     file = out_dir / PLAN
     if not file.exists():
         return {"settings": dict(settings), "rounds": []}
-    plan = _read_json(file, "plan")
-    old, new = _flat(plan.get("settings", {})), _flat(settings)
+    plan = _read_json(file, "plan", PLAN_SHAPE)
+    if any(len(pair) != 2 for rnd in plan["rounds"] for pair in rnd["pairs"]):
+        raise UnreadableFileError(f"landscape plan {file} has the wrong shape (a pair that is not two names)")
+    old, new = _flat(plan["settings"]), _flat(settings)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"landscape {out_dir} was explored with other settings ({', '.join(changed)} differ); "
@@ -174,7 +186,7 @@ def explore(model: nn.Module, thetas: Mapping, data, *, constructor: str = "auto
     _load_plan(out_dir, settings)  # refuse other settings before any work
     minima_file = out_dir / MINIMA
     if minima_file.exists():
-        losses = _read_json(minima_file, "minima file")["losses"]
+        losses = read_minima(out_dir)["losses"]
     else:
         started = time.time()
         losses = minimum_losses(model, states, data, max_items=max_items, bn_items=bn_items, device=device)

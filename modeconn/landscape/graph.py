@@ -164,6 +164,11 @@ class Landscape:
             doc = json.loads(text)
         except (ValueError, RecursionError) as e:
             raise ValueError(f"landscape JSON cannot be parsed: {str(e)[:200]}") from None
+        return cls.from_doc(doc)
+
+    @classmethod
+    def from_doc(cls, doc) -> "Landscape":
+        """:meth:`from_json` of the parsed JSON value; raises ``ValueError`` naming what is wrong."""
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
             raise ValueError(f"landscape JSON: schema must be {SCHEMA!r}; got {got!r}")

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
 
 from modeconn.io.checkpoint import atomic_write_bytes
+from modeconn.io.jsonfile import UnreadableFileError, read_json
 from modeconn.landscape.edges import load_profile
 from modeconn.landscape.graph import Landscape
 from modeconn.landscape.plots import plot_connectivity, plot_disconnectivity, plot_profiles
@@ -77,14 +78,25 @@ def write_figures(out_dir: FilePath, landscapes: Mapping[str, Landscape], thresh
     return files
 
 
+def _read(file: FilePath) -> Landscape:
+    """A landscape JSON file (:meth:`Landscape.to_json`); one error naming the file when it is damaged."""
+    try:
+        return Landscape.from_doc(read_json(file, "landscape file", hint="delete it; a rerun writes it again"))
+    except UnreadableFileError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise UnreadableFileError(f"landscape file {file} has the wrong shape ({e}); delete it; a rerun writes it "
+                                  "again") from None
+
+
 def read_landscapes(out_dir: str | FilePath) -> dict[str, Landscape]:
     """The landscapes an exploration wrote: ``"best path per pair"`` (when there are several constructors)
     and one per constructor label."""
     out_dir = FilePath(out_dir)
     out = {}
-    per_label = {f.stem: Landscape.from_json(f.read_text()) for f in sorted((out_dir / "landscapes").glob("*.json"))}
+    per_label = {f.stem: _read(f) for f in sorted((out_dir / "landscapes").glob("*.json"))}
     if len(per_label) != 1:
-        out["best path per pair"] = Landscape.from_json((out_dir / "landscape.json").read_text())
+        out["best path per pair"] = _read(out_dir / "landscape.json")
     return {**out, **dict(sorted(per_label.items(), key=lambda kv: kv[0] != "linear"))}
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from modeconn.data import Dataset, materialize, resolve_device
 from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.io.checkpoint import atomic_torch_save
+from modeconn.io.jsonfile import Required
 from modeconn.params.path import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.autoneb_cycles import (Cycle, dense_fractions, equal_insertions, expand_cycles,
                                            highest_insertions, insert_pivots, parse_rule)
@@ -233,14 +234,11 @@ def autoneb(
                                               torch.Generator().manual_seed(settings["seed"]))
     file = FilePath(resume) if resume is not None else None
     keeper = None if file is None else Resume(file, CHECKPOINT_FORMAT, {**settings, "endpoints": step.digest()},
-                                              what="autoneb resume file")
+                                              what="autoneb resume file", shape=RESUME_SHAPE)
     saved = keeper.read() if keeper is not None else None
     done = 0
     if saved is not None:
-        done = int(saved["cycles_done"])
-        chain.pivots, chain.weights = saved["pivots"].to(dev), saved["weights"]
-        chain.profile, chain.history = saved["profile"], list(saved["history"])
-        stream.load_state(saved["stream"])
+        done = _restore(keeper, saved, chain, stream, len(plan), dev)
         log.info("autoneb: %s cycle %d of %d (%s)", "finished at" if done == len(plan) else "resumed after", done,
                  len(plan), file)
     total = sum(c.iterations for c in plan)
@@ -249,9 +247,12 @@ def autoneb(
     try:
         with global_rng(settings["seed"], dev):
             if saved is not None:
-                torch.set_rng_state(saved["rng"])
-                if dev.type == "cuda" and saved.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(saved["cuda_rng"], dev)
+                try:
+                    torch.set_rng_state(saved["rng"])
+                    if dev.type == "cuda" and saved.get("cuda_rng") is not None:
+                        torch.cuda.set_rng_state(saved["cuda_rng"], dev)
+                except (RuntimeError, TypeError) as e:
+                    raise keeper.unusable(f"holds unusable random states ({str(e).splitlines()[0][:200]})") from None
             for number in range(done + 1, len(plan) + 1):
                 started = time.perf_counter()
                 cycle = plan[number - 1]
@@ -273,6 +274,34 @@ def autoneb(
     path.name = "autoneb"
     path.info = _info(settings, chain, knots, None if saved is None else done, file)
     return path
+
+
+#: what an autoneb resume file must hold (:func:`modeconn.io.jsonfile.check_shape`; tensors by type)
+RESUME_SHAPE = {"identity": Required(dict), "cycles_done": Required(int), "pivots": Required(Tensor),
+                "weights": Required(Tensor), "profile": ({"pivot_losses": Required(list), "dense": Required(list),
+                                                          "dense_loss": Required(list)}),
+                "history": Required([dict]),
+                "stream": Required({"generator": Required(Tensor), "order": Required(Tensor), "pos": Required(int)}),
+                "rng": Required(Tensor), "cuda_rng": (Tensor, type(None))}
+
+
+def _restore(keeper: Resume, saved: dict, chain: _Chain, stream: BatchStream, cycles: int, dev: torch.device) -> int:
+    """The chain and batch stream of a resume file (of this run's identity, :data:`RESUME_SHAPE`); returns the
+    number of finished cycles. Tensors that do not fit the chain are one error naming the file."""
+    pivots, weights, done = saved["pivots"], saved["weights"], saved["cycles_done"]
+    fits = (pivots.dim() == 2 and pivots.shape[0] >= 2 and pivots.shape[1] == chain.pivots.shape[1]
+            and pivots.is_floating_point() and weights.dim() == 1 and weights.numel() == pivots.shape[0] - 1
+            and 0 <= done <= cycles)
+    if not fits:
+        raise keeper.unusable(f"does not fit this chain (pivots {list(pivots.shape)}, weights {list(weights.shape)}, "
+                              f"{done} of {cycles} cycles done; the chain has {chain.pivots.shape[1]} parameters)")
+    chain.pivots, chain.weights = pivots.to(device=dev, dtype=chain.pivots.dtype), weights.double()
+    chain.profile, chain.history = saved.get("profile"), list(saved["history"])
+    try:
+        stream.load_state(saved["stream"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise keeper.unusable(f"holds an unusable batch stream ({str(e).splitlines()[0][:200]})") from None
+    return int(done)
 
 
 def _record(chain: _Chain, cycle: Cycle, number: int, inserted: int, batch_size: int, seconds: float) -> dict:

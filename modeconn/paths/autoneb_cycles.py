@@ -23,6 +23,7 @@ CYCLE_KEYS = ("insert", "iterations", "lr", "optimizer", "momentum", "repeat")
 RULES = ("equal", "highest", "leave")
 HIGHEST_THRESHOLD = 0.1  # the reference code's default (the paper's text says 20% of the energy range)
 SUB_POINTS = 9           # dense evaluation points inside every segment, as the reference
+MAX_CYCLES = 10_000      # cycles in all, repeats included (the paper's schedule has 14)
 
 # Draxler et al.'s CIFAR-10 ResNet-20 configuration: 14 cycles, 16,000 iterations, 2 -> at most 31 pivots.
 PAPER_SCHEDULE: tuple[dict, ...] = (
@@ -133,6 +134,8 @@ def expand_cycles(cycles: Sequence[Mapping] | None, iterations_scale: float = 1.
         if lacking:
             names = [{"rule": "insert"}.get(k, k) for k in lacking]
             raise ValueError(f"{key} must set {', '.join(names)} (the first cycle sets every key)")
+        if len(out) + repeat > MAX_CYCLES:  # every cycle keeps its dense profile in the history and resume file
+            raise ValueError(f"{key}.repeat: at most {MAX_CYCLES:,} cycles in all; got {len(out) + repeat:,}")
         its = current["iterations"]
         scaled = 0 if its == 0 else max(1, round(its * iterations_scale))
         out.extend([Cycle(**{**current, "iterations": scaled})] * int(repeat))

@@ -16,11 +16,11 @@ import numpy as np
 from modeconn.evaluation.evaluate import PathEval
 from modeconn.reporting.plots import plot_paths
 from modeconn.reporting.plots_stability import plot_figure2
-from modeconn.stability.figure2 import pool_figure2
+from modeconn.stability.figure2 import RESULT_SHAPE, pool_figure2
 from modeconn.io.checkpoint import atomic_write_json
-from modeconn.io.jsonfile import UnreadableFileError, read_json
+from modeconn.io.jsonfile import Required, UnreadableFileError, read_json
 
-__all__ = ["redraw", "mean_paths"]
+__all__ = ["redraw", "mean_paths", "read_profile", "PROFILE_SHAPE"]
 
 
 def _runs(dirs: Sequence[str | FilePath], marker: str) -> list[FilePath]:
@@ -33,17 +33,31 @@ def _runs(dirs: Sequence[str | FilePath], marker: str) -> list[FilePath]:
     return found
 
 
+_NUM = (int, float, type(None))
+#: what a path profile (``paths/<name>.json``, :meth:`PathEval.to_dict`) must hold to be read back
+PROFILE_SHAPE = {"name": Required(str), "ts": Required([(int, float)]), "metrics": Required({str: [_NUM]}),
+                 "steps": Required([(int, float)]), "knots": Required([(int, float)]), "labels": (list, type(None)),
+                 "segments": Required([int]), "bound": _NUM, "barriers": Required({str: {str: _NUM}}),
+                 "sizes": Required({str: int}), "seconds": Required((int, float)), "info": dict}
+
+
+def read_profile(file: str | FilePath) -> PathEval:
+    """A path profile written by :meth:`PathEval.save`; one :class:`UnreadableFileError` naming the file when it
+    is not JSON, nested too deeply or of another shape."""
+    doc = read_json(file, "path profile", PROFILE_SHAPE)
+    try:
+        return PathEval.from_dict(doc)
+    except (TypeError, ValueError) as e:  # an unknown key
+        raise UnreadableFileError(f"path profile {file} has the wrong shape ({e})") from None
+
+
 def mean_paths(runs: Sequence[FilePath]) -> tuple[list[PathEval], dict[str, dict[str, list[float]]]]:
     """Per path name, the mean PathEval over the runs (metrics interpolated onto the first run's ts) and
     the standard deviation of every metric per point."""
     groups: dict[str, list[PathEval]] = defaultdict(list)
     for run in runs:
         for file in sorted((run / "paths").glob("*.json")):
-            read_json(file, "path profile")  # JSON, an object, not nested too deeply (else one error naming it)
-            try:
-                ev = PathEval.load(file)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise UnreadableFileError(f"path profile {file} has the wrong shape ({type(e).__name__}: {e})") from None
+            ev = read_profile(file)
             groups[ev.name].append(ev)
     means, bands = [], {}
     for name, evs in groups.items():
@@ -67,7 +81,7 @@ def redraw(dirs: Sequence[str | FilePath], out_dir: str | FilePath) -> list[File
     out, written = FilePath(out_dir), []
     fig2_runs = _runs(dirs, "figure2.json")
     if fig2_runs:
-        pooled = pool_figure2([read_json(r / "figure2.json", "Figure 2 results") for r in fig2_runs],
+        pooled = pool_figure2([read_json(r / "figure2.json", "Figure 2 results", RESULT_SHAPE) for r in fig2_runs],
                               names=[r.name for r in fig2_runs])
         written += [atomic_write_json(out / "figure2.json", pooled),
                     plot_figure2(pooled, out / "figure2.png",

@@ -89,11 +89,12 @@ def group_runs(files: list[FilePath]) -> list[tuple[dict, list[object], list[dic
 
 def _read(file: FilePath) -> dict:
     """A run summary, of the shape this report reads (else a ValueError naming the file)."""
-    from modeconn.io.jsonfile import read_json
+    from modeconn.io.jsonfile import Required, read_json
     from modeconn.io.runrecord import SUMMARY_SHAPE
 
-    return read_json(file, "run summary", {**SUMMARY_SHAPE, "paths": {str: {"barriers": {str: {str: (int, float)}},
-                                                                          "bound": (int, float, type(None))}}})
+    barrier = {str: (int, float), **{c: Required((int, float)) for c in COLUMNS}}
+    return read_json(file, "run summary", {**SUMMARY_SHAPE, "paths": Required(
+        {str: {"barriers": Required({str: barrier}), "bound": (int, float, type(None))}})})
 
 
 def render_groups(groups: list[tuple[dict, list, list[dict]]], metric: str) -> str:
@@ -121,8 +122,16 @@ def render(table: dict, metric: str, runs: int) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one ``modeconn report: error:`` line and exit 2, as every other bad input."""
+
+    def error(self, message: str):
+        print(f"modeconn report: error: {message} (see modeconn report --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="modeconn report", description=__doc__)
+    parser = _Parser(prog="modeconn report", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run directories (searched recursively for summary.json)")
     parser.add_argument("--metric", default="train_loss",
                         choices=["train_loss", "train_error", "test_loss", "test_error"])

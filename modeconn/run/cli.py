@@ -48,11 +48,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             UnsupportedLayerError, BatchNormFoldError, ValueError)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation the machine could not serve (Python's MemoryError, torch's CPU allocator, CUDA OOM)."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def _is_user_error(e: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(e, (HydraException, OmegaConfBaseException)):
+    if isinstance(e, (HydraException, OmegaConfBaseException)) or _out_of_memory(e):
         return True
     if isinstance(e, OSError):
         return isinstance(e, FileNotFoundError) or e.errno in _ENVIRONMENT_ERRNOS
@@ -68,6 +76,10 @@ def one_line(e: BaseException) -> str:
         text = f"override {e.override!r} cannot be parsed: {e}"
     elif isinstance(e, OSError) and e.filename is not None and not isinstance(e, MissingConfigException):
         text = f"{e.strerror or type(e).__name__}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    elif _out_of_memory(e):  # past the estimates (modeconn/run/memory.py): the machine had less than they assume
+        found = re.search(r"tried to allocate [^.]*", str(e))
+        text = (f"out of memory ({found.group(0) if found else type(e).__name__}); lower the sizes in the config "
+                "(the data, the model, eval.batch_size, a path's num_bends or cycles) or free memory")
     else:
         text = str(e)
     if isinstance(e.__cause__, OmegaConfBaseException) and not isinstance(e, OmegaConfBaseException):

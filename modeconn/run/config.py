@@ -119,6 +119,15 @@ def validate(cfg: DictConfig) -> None:
         except ValueError as e:
             known = [*options, *inspect.signature(BUILDERS[name].function).parameters]
             raise option_error(f"path.{name}", e, known) from None
+    figure2 = (cfg.get("stability") or {}).get("figure2")
+    if figure2 is not None:  # Kuditipudi et al. Figure 2's options, checked before the endpoints are trained
+        from modeconn.stability.figure2 import Figure2Options
+
+        try:
+            Figure2Options.from_dict(to_container(figure2))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e) if str(e).startswith(("stability.", "unknown")) else f"stability.figure2: {e}"
+                              ) from None
     if cfg.get("endpoints") is not None:
         ends = list(cfg.endpoints)
         require(len(ends) == 2, "endpoints", "null or a list of two checkpoint files", ends)

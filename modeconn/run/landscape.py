@@ -12,7 +12,6 @@ Options (a ``landscape:`` node, also settable bare): ``minima`` (how many to tra
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -25,13 +24,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from modeconn.io import runrecord
 from modeconn.io.checkpoint import atomic_write_json, load_checkpoint
-from modeconn.landscape.edges import check_names, pair_name
+from modeconn.io.jsonfile import UnreadableFileError
+from modeconn.landscape.edges import PAIRS, check_names, pair_name, read_pair
 from modeconn.landscape.engines import check_engines
-from modeconn.landscape.explore import MINIMA, check_settings, exploration_loop, minimum_losses
+from modeconn.landscape.explore import MINIMA, check_settings, exploration_loop, minimum_losses, read_minima
 from modeconn.landscape.report import write_report
 from modeconn.params.state import float_state
+from modeconn.reporting.figures import read_profile
+from modeconn.run import memory
 from modeconn.run.config import ConfigError, require, to_container, validate
-from modeconn.run.schema import conf_dir
+from modeconn.run.lock import run_lock
+from modeconn.run.preflight import check_paths_apply, check_trained_files
+from modeconn.run.schema import check_values, conf_dir
 
 log = logging.getLogger("modeconn")
 
@@ -75,20 +79,14 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def landscape_options(cfg: DictConfig) -> dict:
-    """The ``landscape`` node over :data:`DEFAULTS`, checked (ConfigError naming the key)."""
+    """The ``landscape`` node over :data:`DEFAULTS`, checked by the value table (:mod:`modeconn.run.schema`) and
+    the engines' own check (ConfigError naming the key)."""
     given = to_container(cfg.get("landscape") or {})
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"landscape: unknown option(s) {unknown}; allowed: {', '.join(DEFAULTS)}")
     opts = {**DEFAULTS, **given}
-    require(isinstance(opts["minima"], int) and not isinstance(opts["minima"], bool) and opts["minima"] >= 2,
-            "landscape.minima", "an integer >= 2", opts["minima"])
-    mp = opts["max_pairs"]
-    require(mp is None or (isinstance(mp, int) and not isinstance(mp, bool) and mp >= 1), "landscape.max_pairs",
-            "null or a positive integer", mp)
-    th = opts["threshold"]
-    require(isinstance(th, (int, float)) and not isinstance(th, bool) and th >= 0, "landscape.threshold",
-            "a number >= 0", th)
+    check_values({"landscape": opts})
     try:
         opts["engines"] = check_engines(opts["engines"], "landscape.engines")
     except ValueError as e:
@@ -110,6 +108,8 @@ def given_minima(cfg: DictConfig) -> dict[str, str] | None:
     """``endpoints=[a.pt, b.pt, ...]``: name (file stem) -> absolute file, checked."""
     if cfg.get("endpoints") is None:
         return None
+    check_values({"endpoints": OmegaConf.to_container(cfg.endpoints) if OmegaConf.is_config(cfg.endpoints)
+                  else cfg.endpoints})
     files = [str(f) for f in cfg.endpoints]
     require(len(files) >= 2, "endpoints", "a list of at least two checkpoint files", files)
     for f in files:
@@ -128,17 +128,25 @@ def trained_minima(cfg: DictConfig, out_dir: FilePath, count: int) -> dict[str, 
     return {f"seed{k}": str(out_dir / "minima" / f"seed{k}.pt") for k in range(count * cfg.seed, count * (cfg.seed + 1))}
 
 
-def train_minima(cfg: DictConfig, data, files: dict[str, str], device: torch.device) -> None:
-    """Train the minima of :func:`trained_minima` (each resumable from its epoch checkpoints)."""
+def _seeds(files: dict[str, str]) -> dict[int, str]:
+    return {int(name.removeprefix("seed")): file for name, file in files.items()}
+
+
+def train_minima(cfg: DictConfig, data, files: dict[str, str], device: torch.device, identity: dict) -> dict:
+    """Train the minima of :func:`trained_minima` (each resumable from its epoch checkpoints, and reused only
+    under the same ``identity``, :func:`modeconn.run.preflight.endpoint_identity`); returns name -> state."""
     from modeconn.run.pipeline import build_model
     from modeconn.training.train import TrainConfig, train
 
     tcfg = TrainConfig(**to_container(cfg.trainer), device=str(device))
-    for name, file in files.items():
-        k = int(name.removeprefix("seed"))
+    states = {}
+    for (k, file), name in zip(_seeds(files).items(), files):
         FilePath(file).parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": to_container(cfg.model), "data": to_container(cfg.data)}
-        train(build_model(cfg, data, k), data, tcfg, seed=k, checkpoint_path=file, meta=meta, progress=cfg.progress)
+        net = build_model(cfg, data, k)
+        train(net, data, tcfg, seed=k, checkpoint_path=file, meta=meta, progress=cfg.progress, identity=identity)
+        states[name] = load_checkpoint(file, model=net)[0]
+    return states
 
 
 class LauncherRunner:
@@ -172,27 +180,91 @@ class LauncherRunner:
             raise RuntimeError(f"the pair runs failed (exit {rc}, above); pairs: {pairs}")
 
 
-def _minima_record(out_dir: FilePath, files: dict[str, str], cfg: DictConfig, model, data, device) -> dict[str, float]:
-    """Each minimum's loss, measured once and kept in ``minima.json`` (a rerun must name the same files)."""
-    record = out_dir / MINIMA
-    if record.exists():
-        old = json.loads(record.read_text())
-        if old.get("files") != files:
-            raise ConfigError(f"{out_dir} holds a landscape of other minima ({', '.join(old.get('names', []))}); "
-                              "choose a new hydra.run.dir")
+def _minima_record(out_dir: FilePath, files: dict[str, str], states: dict, cfg: DictConfig, model, data,
+                   device) -> dict[str, float]:
+    """Each minimum's loss, measured once and kept in ``minima.json`` with its file (relative to the run
+    directory when inside it) and sha256 (:func:`_check_existing` vouches for a recorded one)."""
+    old = read_minima(out_dir)
+    if old is not None:
         return old["losses"]
-    states = {n: float_state(load_checkpoint(f, model=model)[0]) for n, f in files.items()}
-    losses = minimum_losses(model, states, data, max_items=cfg.eval.max_items, bn_items=cfg.eval.bn_items,
-                            device=device)
-    atomic_write_json(record, {"names": list(files), "files": files, "losses": losses,
-                               "sha256": {n: runrecord.sha256(f) for n, f in files.items()}})
+    losses = minimum_losses(model, {n: float_state(st) for n, st in states.items()}, data,
+                            max_items=cfg.eval.max_items, bn_items=cfg.eval.bn_items, device=device)
+    atomic_write_json(out_dir / MINIMA, {"names": list(files), "files": _recorded(out_dir, files), "losses": losses,
+                                         "sha256": {n: runrecord.sha256(f) for n, f in files.items()}})
     return losses
+
+
+def _recorded(out_dir: FilePath, files: dict[str, str]) -> dict[str, str]:
+    """The minima's files as recorded: relative to the run directory when inside it (a copied or moved
+    landscape checks and uses its own copies), else absolute."""
+    return {n: runrecord.relative_file(out_dir, f) for n, f in files.items()}
+
+
+def _check_existing(out_dir: FilePath, settings: dict, files: dict[str, str]) -> None:
+    """Before anything is written: the plan on file has these settings, ``minima.json`` names these minima
+    with unchanged contents, and every finished pair's summary reads (else ConfigError or a file error)."""
+    try:
+        check_settings(out_dir, settings)  # a landscape made with another config is refused before any write
+    except UnreadableFileError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e).replace("out_dir", "hydra.run.dir")) from None
+    old = read_minima(out_dir)
+    if old is not None:
+        if old.get("files", _recorded(out_dir, files)) != _recorded(out_dir, files) or old["names"] != list(files):
+            raise ConfigError(f"{out_dir} holds a landscape of other minima ({', '.join(old['names'])}); "
+                              "choose a new hydra.run.dir")
+        changed = [n for n, digest in old.get("sha256", {}).items()
+                   if n in files and runrecord.sha256(files[n]) != digest]
+        if changed:
+            raise ConfigError(f"{out_dir}: minimum {changed[0]} ({files[changed[0]]}) changed since the landscape was "
+                              "measured (sha256); its results are stale: choose a new hydra.run.dir")
+    for summary in sorted((out_dir / PAIRS).glob("*/summary.json")):  # finished pairs: read back as they are
+        for label in read_pair(summary.parent)["paths"]:
+            read_profile(summary.parent / "paths" / f"{label}.json")
+
+
+def _provenance(cfg: DictConfig, device: torch.device) -> dict:
+    """What the minima and pairs depend on besides the config (unless ``allow_provenance_change``)."""
+    if cfg.get("allow_provenance_change", False):
+        return {}
+    return {"threads": torch.get_num_threads(), "device": device.type, "torch": str(torch.__version__)}
+
+
+def _checked(cfg: DictConfig, full: DictConfig, opts: dict, out_dir: FilePath, device: torch.device):
+    """Every check that needs no training, before anything is written: data, model, memory, paths, given or
+    trained minima, the files already in ``out_dir``. Returns (data, model, files, settings, states, identity)."""
+    from modeconn.params.checks import check_finite_endpoints
+    from modeconn.run.pipeline import build_model, checked_model, given_endpoints, load_data
+
+    memory.check_data(cfg)
+    data = load_data(cfg, device)
+    memory.check_model(cfg, lambda: build_model(cfg, data), device)
+    model = checked_model(cfg, data, device)
+    memory.check_run(cfg, model, device)  # each pair's run
+    check_paths_apply(cfg, model, data, device)
+    given = given_minima(full)
+    count = len(given) if given is not None else opts["minima"]
+    memory.check_copies("landscape.minima", count, count + memory.MODEL_COPIES,
+                        sum(p.numel() for p in model.parameters()), device)  # every minimum's weights at once
+    files = given if given is not None else trained_minima(cfg, out_dir, opts["minima"])
+    settings = {"names": list(files), "files": _recorded(out_dir, files), "run": runrecord.result_config(cfg),
+                "provenance": _provenance(cfg, device)}
+    _check_existing(out_dir, settings, files)
+    states, identity = None, None
+    if given is not None:
+        ends = given_endpoints(full, model)  # readable, of the model's architecture (dtypes converted)
+        check_finite_endpoints(ends, model, data)
+        states = {n: e["state"] for n, e in zip(files, ends)}
+    else:
+        identity = check_trained_files(cfg, data, _seeds(files), device,
+                                       lambda k: build_model(cfg, data, k).to(device))
+    return data, model, files, settings, states, identity
 
 
 def explore_cli(args: list[str]) -> FilePath:
     """The whole command: compose, check, train or load the minima, explore, report; returns the run dir."""
     from modeconn.data import resolve_device
-    from modeconn.run.pipeline import checked_model, load_data
 
     started = time.time()
     overrides = driver_overrides(args)
@@ -201,34 +273,26 @@ def explore_cli(args: list[str]) -> FilePath:
     opts = landscape_options(full)
     cfg = pair_config(full)
     validate(cfg)
-    given = given_minima(full)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    data = load_data(cfg, device)
-    model = checked_model(cfg, data, device)
-    files = given if given is not None else trained_minima(cfg, out_dir, opts["minima"])
-    settings = {"names": list(files), "files": files, "run": runrecord.result_config(cfg)}
-    try:
-        check_settings(out_dir, settings)  # a landscape made with another config is refused before any write
-    except ValueError as e:
-        raise ConfigError(str(e).replace("out_dir", "hydra.run.dir")) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _setup_log(out_dir)
-    log.info("landscape in %s", out_dir)
-    if given is None:
-        train_minima(cfg, data, files, device)
-    trained = time.time() - started
-    losses = _minima_record(out_dir, files, cfg, model, data, device)
-    ls = exploration_loop(out_dir, list(files), losses, LauncherRunner(job_overrides(overrides), out_dir),
-                          engines=opts["engines"], max_pairs=opts["max_pairs"], settings=settings)
-    seconds = time.time() - started
-    header = [f"# Landscape: {cfg.name} ({cfg.model.name} on {cfg.data.name})", "",
-              f"{len(files)} minima, {ls.graph.number_of_edges()} pairs connected (engines {', '.join(opts['engines'])}, "
-              f"max_pairs {opts['max_pairs']}); this invocation {seconds:.1f} s ({trained:.1f} s training minima); "
-              f"{runrecord.describe(runrecord.provenance(device))}.", "",
-              "Command: `modeconn landscape " + " ".join(args) + "`"]
-    report = write_report(out_dir, header, float(opts["threshold"]))
+    with run_lock(out_dir):  # one driver per landscape directory (the pairs lock their own)
+        data, model, files, settings, states, identity = _checked(cfg, full, opts, out_dir, device)
+        _setup_log(out_dir)
+        log.info("landscape in %s", out_dir)
+        if states is None:
+            states = train_minima(cfg, data, files, device, identity)
+        trained = time.time() - started
+        losses = _minima_record(out_dir, files, states, cfg, model, data, device)
+        ls = exploration_loop(out_dir, list(files), losses, LauncherRunner(job_overrides(overrides), out_dir),
+                              engines=opts["engines"], max_pairs=opts["max_pairs"], settings=settings)
+        seconds = time.time() - started
+        header = [f"# Landscape: {cfg.name} ({cfg.model.get('name') or cfg.model.get('_target_')} on {cfg.data.name})",
+                  "", f"{len(files)} minima, {ls.graph.number_of_edges()} pairs connected (engines "
+                  f"{', '.join(opts['engines'])}, max_pairs {opts['max_pairs']}); this invocation {seconds:.1f} s "
+                  f"({trained:.1f} s training minima); {runrecord.describe(runrecord.provenance(device))}.", "",
+                  "Command: `modeconn landscape " + " ".join(args) + "`"]
+        report = write_report(out_dir, header, float(opts["threshold"]))
     print(f"modeconn: landscape of {len(files)} minima in {seconds:.1f} s; report: {report}")
     return out_dir
 

@@ -7,7 +7,6 @@ and a finished pair is returned untouched. Exit codes as the ``modeconn`` comman
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from modeconn.io.runrecord import endpoint_file
+from modeconn.landscape.explore import read_minima
 from modeconn.run import cli
 
 JOB_KEYS = ("pair", "landscape_dir", "landscape")
@@ -23,9 +24,10 @@ JOB_KEYS = ("pair", "landscape_dir", "landscape")
 
 def pair_run_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` without the landscape's keys, with ``endpoints`` set to the pair's two minima."""
-    record = Path(str(cfg.landscape_dir)) / "minima.json"
-    files = json.loads(record.read_text())["files"]
+    folder = Path(str(cfg.landscape_dir))
+    files = read_minima(folder)["files"]  # relative to the landscape's directory when inside it
     a, b = str(cfg.pair).split("__")
+    files = {n: str(endpoint_file(folder, f)) for n, f in files.items()}
     out = cfg.copy()
     with open_dict(out):
         for key in JOB_KEYS:

@@ -6,7 +6,6 @@ redone or overwritten; an interrupted one resumes: finished endpoints and curves
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,8 @@ from modeconn.io import runrecord
 from modeconn.run import memory
 from modeconn.run.config import ConfigError, to_container, validate
 from modeconn.run.lock import run_lock
-from modeconn.run.preflight import check_endpoint_files, check_paths_apply, endpoint_identity, to_model_dtypes
+from modeconn.run.preflight import (IDENTITY_FILE, check_endpoint_files, check_paths_apply, check_run_identity,
+                                    check_work_files, endpoint_identity, run_identity)
 from modeconn.data import Dataset, describe, load, resolve_device
 from modeconn.align.step import align_endpoints, path_variants
 from modeconn.evaluation.evaluate import PathEval, evaluate_path
@@ -51,9 +51,13 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
     if "input_shape" in options:
         options["input_shape"] = tuple(options["input_shape"])
     try:
-        return load(name, root=root, download=download, device=device, **options)
+        data = load(name, root=root, download=download, device=device, **options)
     except TypeError as e:  # an option the loader does not take (a '+data.KEY=...' override)
         raise ConfigError(f"data ({name}): {e}") from None
+    if data.num_classes < 2:  # data.num_classes is checked in the config; the files' own classes here
+        where = f"data.path {options.get('path')}" if name == "tensors" else f"data.root {root}" if root else name
+        raise ConfigError(f"{where}: {data.num_classes} class; a classifier needs at least 2 ({describe(data)})")
+    return data
 
 
 def build_model(cfg: DictConfig, data: Dataset, seed: int = 0) -> torch.nn.Module:
@@ -94,7 +98,6 @@ def given_endpoints(cfg: DictConfig, model: torch.nn.Module) -> list[dict] | Non
     out = []
     for file in cfg.endpoints:
         state, meta = load_checkpoint(FilePath(str(file)), model=model)
-        state = to_model_dtypes(state, model, file)  # float16 / float64 converted; integer weights refused
         out.append({"state": state, "meta": meta, "seed": meta.get("seed"), "file": str(file)})
     return out
 
@@ -148,26 +151,33 @@ def _locked_run(cfg: DictConfig, out_dir: FilePath, record: Callable[[], None] |
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     started = time.time()
-    memory.check_data(cfg)  # data.num_train=1e9 is refused before it is made
-    data = load_data(cfg, device)
-    model = checked_model(cfg, data, device)
-    memory.check_run(cfg, model, device)  # eval.num_points, path.<curve>.num_bends
-    check_paths_apply(cfg, model, data, device)  # e.g. the dropout path on a residual net, before training
-    given = given_endpoints(cfg, model)  # unreadable or foreign checkpoint files stop the run here
-    prov = runrecord.provenance(device)
-    finished = runrecord.check_existing(cfg, out_dir, prov)
-    if finished is not None:  # not logged: its cli.log stays as the run left it
-        return {**finished, "skipped": True}
-    check_finite_endpoints(given, model, data)  # so do NaN or infinite ones
-    identity = None if given is not None else check_endpoint_files(  # another config's endpoints or resume files
-        cfg, data, out_dir, device, lambda seed: build_model(cfg, data, seed).to(device))
-    if record is not None:
-        record()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
-    earlier = out_dir / runrecord.PROVENANCE_FILE
-    mixed = json.loads(earlier.read_text()) if earlier.exists() else None
-    atomic_write_json(earlier, prov)
+    with runrecord.held_file_logs() as release:  # a refused or finished run leaves its cli.log as it was
+        memory.check_data(cfg)  # data.num_train=1e9 is refused before it is made
+        data = load_data(cfg, device)
+        memory.check_model(cfg, lambda: build_model(cfg, data), device)  # model.hidden=[1e9], before it is built
+        model = checked_model(cfg, data, device)
+        memory.check_run(cfg, model, device)  # eval.num_points, path.<name>.num_bends / cycles, figure2 trials
+        check_paths_apply(cfg, model, data, device)  # e.g. the dropout path on a residual net, before training
+        given = given_endpoints(cfg, model)  # unreadable or foreign checkpoint files stop the run here
+        prov = runrecord.provenance(device)
+        finished = runrecord.check_existing(cfg, out_dir, prov)
+        if finished is not None:  # not logged: its cli.log stays as the run left it
+            return {**finished, "skipped": True}
+        check_finite_endpoints(given, model, data)  # so do NaN or infinite ones
+        identity = None if given is not None else check_endpoint_files(  # another config's endpoints or resume files
+            cfg, data, out_dir, device, lambda seed: build_model(cfg, data, seed).to(device))
+        check_work_files(out_dir, model)  # curves, chains, narrow and Figure 2 nets: readable, of their format's shape
+        made_under = check_run_identity(cfg, out_dir, run_identity(  # ... and were made under this config
+            cfg, identity if identity is not None else endpoint_identity(cfg, data, device), given))
+        earlier = out_dir / runrecord.PROVENANCE_FILE
+        mixed = runrecord.read_provenance(earlier) if earlier.exists() else None
+        if record is not None:  # everything is checked: from here on the run writes
+            record()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+        atomic_write_json(out_dir / IDENTITY_FILE, made_under)
+        atomic_write_json(earlier, prov)
+        release()
     log.info("data: %s", describe(data))
     log.info("settings: %s", runrecord.describe(prov))
     ends = given if given is not None else endpoints(cfg, data, out_dir, device, identity)

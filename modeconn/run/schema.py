@@ -1,5 +1,5 @@
-"""The run config's value table: the type and range of every top-level, ``eval``, ``stability`` and ``data``
-key in one place, checked before any work (:func:`check_values`), plus the set of keys a run config may
+"""The run config's value table: the type and range of every top-level, ``eval``, ``stability``, ``data`` and
+``landscape`` key in one place, checked before any work (:func:`check_values`), plus the set of keys a run config may
 have at the top level (:func:`check_keys`: ``+sed=3`` is refused, not ignored).
 
 Each rule is ``(accepts(value) -> bool, "what is allowed")``; a value that fails is a
@@ -46,6 +46,22 @@ def text() -> Rule:
     return (lambda v: isinstance(v, str)), "a string"
 
 
+def number(low: float, null: bool = False) -> Rule:
+    return ((lambda v: (null and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v) and v >= low)),
+            ("null or " if null else "") + f"a finite number >= {low:g}")
+
+
+def file_list() -> Rule:
+    return ((lambda v: v is None or (isinstance(v, list) and all(isinstance(f, str) and f for f in v))),
+            "null or a list of checkpoint files, e.g. [a.pt,b.pt]")
+
+
+def mapping(null: bool = False) -> Rule:
+    return ((lambda v: (null and v is None) or isinstance(v, Mapping)),
+            ("null or " if null else "") + "a mapping of options")
+
+
 def fraction_list() -> Rule:
     return ((lambda v: isinstance(v, list) and all(isinstance(k, (int, float)) and not isinstance(k, bool)
                                                    and 0 < k <= 1 for k in v)), "a list of fractions in (0, 1]")
@@ -69,6 +85,7 @@ def _table() -> dict[str, Rule]:
         "progress": boolean(),
         "threads": integer(1, cores(), null=True),
         "allow_provenance_change": boolean(),
+        "endpoints": file_list(),
         "eval.num_points": integer(2),
         "eval.batch_size": integer(1),
         "eval.max_items": integer(1, null=True),
@@ -78,7 +95,11 @@ def _table() -> dict[str, Rule]:
         "stability.trials": integer(1),
         "stability.noise": boolean(),
         "stability.noise_items": integer(1),
+        "stability.figure2": mapping(null=True),  # its keys: Figure2Options (checked by modeconn.run.config)
         "data.download": boolean(),
+        "data.augment": boolean(),
+        "data.normalize": boolean(),
+        "data.path": (lambda v: v is None or isinstance(v, str), "null or a file name"),
         "data.image": boolean(null=True),
         "data.seed": integer(0),
         "data.split_seed": integer(0),
@@ -86,12 +107,14 @@ def _table() -> dict[str, Rule]:
         "data.num_test": integer(1),
         "data.num_classes": integer(2),
         "data.input_shape": shape(),
+        "landscape.minima": integer(2),  # modeconn landscape's options (its engines: modeconn.landscape.engines)
+        "landscape.max_pairs": integer(1, null=True),
+        "landscape.threshold": number(0),
     }
 
 
 # sections whose keys are all in the table: another key there is a typo (``+eval.num_point=5``)
 CLOSED_SECTIONS = ("eval", "stability")
-STABILITY_EXTRA = ("figure2",)  # its own options class checks it
 
 
 def check_values(cfg) -> None:
@@ -111,7 +134,6 @@ def check_values(cfg) -> None:
         node = values.get(section)
         if isinstance(node, Mapping):
             known = {k.split(".", 1)[1] for k in _table() if k.startswith(section + ".")}
-            known |= set(STABILITY_EXTRA) if section == "stability" else set()
             unknown = sorted(set(node) - known)
             if unknown:
                 raise ConfigError(f"{section} has unknown option(s) {unknown}; allowed: {', '.join(sorted(known))}")

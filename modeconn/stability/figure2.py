@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from modeconn.io.checkpoint import load_checkpoint
+from modeconn.io.jsonfile import Required
 from modeconn.data import materialize
 from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.training.loop import global_rng
@@ -41,7 +42,8 @@ from modeconn.params.state import State
 from modeconn.training.train import TrainConfig, evaluate_model, train
 from modeconn.units import infer
 
-__all__ = ["Figure2Options", "figure2", "pool_figure2", "best_subnetworks", "dropout_segment", "train_trial_net", "mean_std"]
+__all__ = ["Figure2Options", "figure2", "pool_figure2", "RESULT_SHAPE", "best_subnetworks", "dropout_segment",
+           "train_trial_net", "mean_std"]
 
 #: (seed, width or None for the configured model) -> (module, trained state dict)
 NetTrainer = Callable[[int, "int | None"], tuple[nn.Module, State]]
@@ -79,12 +81,13 @@ class Figure2Options:
             v = getattr(self, key)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= (2 if key == "segment_points" else 1),
                  key, "an integer >= 2" if key == "segment_points" else "an integer >= 1")
-        need(all(isinstance(k, (int, float)) and 0 < k <= 1 for k in self.keeps), "keeps", "fractions in (0, 1]")
+        need(isinstance(self.keeps, list) and all(isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1
+                                                  for k in self.keeps), "keeps", "a list of fractions in (0, 1]")
         need(isinstance(self.segment_p, (int, float)) and 0 <= self.segment_p < 1, "segment_p", "in [0, 1)")
         need(isinstance(self.segment_accuracy, (int, float)) and 0 <= self.segment_accuracy <= 1,
              "segment_accuracy", "in [0, 1]")
-        need(all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.widths), "widths",
-             "positive integers")
+        need(isinstance(self.widths, list) and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                                   for w in self.widths), "widths", "a list of positive integers")
         need(self.max_items is None or (isinstance(self.max_items, int) and self.max_items >= 1), "max_items",
              "null or a positive integer")
         return self
@@ -223,6 +226,21 @@ def _with_means(result: dict) -> dict:
 def _grid(result: dict) -> tuple[list, list, list]:
     return ([x["keep"] for x in result["left"]["mean_std"]], result["centre"]["per_trial"][0]["ts"],
             [x["width"] for x in result["right"]["mean_std"]])
+
+
+_NUM = (int, float, type(None))  # a loss or accuracy (null: not finite)
+_ROW = {"loss": Required(_NUM), "accuracy": Required(_NUM)}
+#: what :func:`pool_figure2` reads of a ``figure2.json`` (:func:`modeconn.io.jsonfile.check_shape`)
+RESULT_SHAPE = {
+    "options": Required(dict), "num_items": Required(int), "seeds": Required(list),
+    "seconds": Required({str: (int, float)}),
+    "left": Required({"per_trial": Required([[{**_ROW, "keep": Required((int, float))}]]),
+                      "mean_std": Required([{"keep": Required((int, float))}])}),
+    "centre": Required({"per_trial": Required([{"ts": Required([(int, float)]), "loss": Required([_NUM]),
+                                                 "accuracy": Required([_NUM])}])}),
+    "right": Required({"per_trial": Required([[{**_ROW, "width": Required(int)}]]),
+                       "mean_std": Required([{"width": Required(int)}])}),
+}
 
 
 def pool_figure2(results: Sequence[dict], names: Sequence[str] | None = None) -> dict:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from modeconn import data as mdata
 from modeconn.io.checkpoint import CheckpointMismatchError, atomic_torch_save, describe_mismatch, safe_load
+from modeconn.io.jsonfile import Required, UnreadableFileError, check_shape
 
 __all__ = ["Loop", "Step", "Resume", "Schedule", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES",
            "make_optimizer", "global_rng"]
@@ -139,13 +140,21 @@ class Step(Protocol):
         """The epoch's record (e.g. mean loss) from its sums over ``steps`` batches of ``examples`` in all."""
 
 
+#: what a :class:`Loop`'s resume file must hold (:func:`modeconn.io.jsonfile.check_shape`; tensors by type)
+LOOP_SHAPE = {"epoch": Required(int), "state": Required({str: Tensor}), "optimizer": Required(dict),
+              "rng": Required({"generators": Required({str: Tensor}), "global": Required(Tensor),
+                               "cuda": (Tensor, type(None))}),
+              "history": [dict], "identity": Required(dict), "architecture": (dict, type(None))}
+
+
 @dataclass
 class Resume:
     """Where a loop saves its progress and what identifies the run it belongs to.
 
     ``identity``: plain values (seed, settings) that must be equal to continue from the file;
     ``architecture``: a :func:`~modeconn.io.checkpoint.fingerprint` that must match (``CheckpointMismatchError``
-    otherwise); ``extra``: a function giving more plain content written with every epoch (a curve's bends).
+    otherwise); ``extra``: a function giving more plain content written with every epoch (a curve's bends);
+    ``shape``: what the file must hold (default :data:`LOOP_SHAPE`), else one error naming the file and entry.
     """
 
     file: Path
@@ -154,6 +163,11 @@ class Resume:
     what: str = "resume file"
     architecture: dict | None = None
     extra: Callable[[], dict] | None = None
+    shape: dict | None = None
+
+    def unusable(self, problem: str) -> UnreadableFileError:
+        """The error for a file of this run's format that cannot be continued from (``problem`` says why)."""
+        return UnreadableFileError(f"{self.what} {self.file} {problem}; delete it to start that step over")
 
     def read(self) -> dict | None:
         """The saved progress of this run (``None`` without a file); refuses another run's file."""
@@ -163,7 +177,10 @@ class Resume:
         if not isinstance(saved, dict) or saved.get("format") != self.format:
             raise ValueError(f"{self.what} {self.file} is not a {self.format} file (written by another program or "
                              "modeconn version); delete it to start that step over")
-        theirs = saved.get("identity", {})
+        problem = check_shape(saved, LOOP_SHAPE if self.shape is None else self.shape)
+        if problem:
+            raise self.unusable(f"has the wrong shape ({problem})")
+        theirs = saved["identity"]
         diffs = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in self.identity.items() if theirs.get(k) != v]
         if diffs:
             raise ValueError(f"{self.what} {self.file} belongs to a different run ({'; '.join(diffs)}; saved vs "
@@ -224,9 +241,12 @@ class Loop:
     def run(self) -> list[dict]:
         """Train the remaining epochs (none for a finished run); returns the per-epoch history."""
         if self._saved is not None:
-            self.step.load_state(self._saved["state"])
-            if not self.finished:
-                self.optimizer.load_state_dict(self._saved["optimizer"])
+            try:  # a file of this run's identity whose tensors do not fit (edited, or another layout)
+                self.step.load_state(self._saved["state"])
+                if not self.finished:
+                    self.optimizer.load_state_dict(self._saved["optimizer"])
+            except (RuntimeError, KeyError, TypeError, ValueError) as e:
+                raise self.resume.unusable(f"does not fit this run ({str(e).splitlines()[0][:200]})") from None
             self.resumed_from = self.epoch
             log.info("%s: %s epoch %d of %d (%s)", self.label, "finished at" if self.finished else "resumed from",
                      self.epoch, self.schedule.epochs, self.resume.file)
@@ -237,7 +257,11 @@ class Loop:
         try:
             with global_rng(self.seed, self.device):
                 if self._saved is not None:
-                    self._set_rng(self._saved["rng"])
+                    try:
+                        self._set_rng(self._saved["rng"])
+                    except (RuntimeError, KeyError, TypeError) as e:
+                        raise self.resume.unusable(f"holds unusable random states ({str(e).splitlines()[0][:200]})"
+                                                   ) from None
                 self._saved = None
                 while not self.finished:
                     record = self._epoch()
