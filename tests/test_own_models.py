@@ -121,8 +121,8 @@ def test_a_model_that_does_not_fit_is_refused_naming_model_and_shapes(tmp_path, 
 def test_the_class_count_comes_from_the_data_and_a_wrong_one_is_refused(tmp_path):
     images(tmp_path / "d.pt", classes=2)
     with pytest.raises(ConfigError, match="the data has 2 classes but the model has 1000 outputs"):
-        run(config("model=custom", "model._target_=torchvision.models.resnet18", "data=tensors",
-                   f"data.path={tmp_path}/d.pt"), tmp_path / "run")
+        run(config("model=custom", "model._target_=torchvision.models.resnet18", "+model.num_classes=1000",
+                   "data=tensors", f"data.path={tmp_path}/d.pt"), tmp_path / "run")
 
 
 def test_a_target_on_a_zoo_node_names_the_zoo_options():
@@ -141,6 +141,20 @@ def test_target_kwargs_fill_only_what_the_callable_names_and_the_config_leaves_o
     assert target_kwargs(torch.nn.Linear, {"_target_": "torch.nn.Linear"}, (64,), 10) == {}
     model = from_options({"_target_": "torch.nn.Linear", "in_features": 64, "out_features": 10}, (64,), 10)
     assert isinstance(model, torch.nn.Linear) and model.out_features == 10
+
+
+def test_num_classes_reaches_builders_that_take_it_through_kwargs(tmp_path, monkeypatch):
+    """torchvision's builders take num_classes through **kwargs: the data's class count reaches them; a
+    callable whose **kwargs refuse it is built as configured."""
+    model = from_options({"_target_": "torchvision.models.resnet18"}, (3, 32, 32), 10)
+    assert model.fc.out_features == 10
+    (tmp_path / "strict_kw.py").write_text(
+        "import torch\n"
+        "def net(**kw):\n"
+        "    if kw: raise TypeError(f'net() got an unexpected keyword argument {next(iter(kw))!r}')\n"
+        "    return torch.nn.Linear(64, 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert from_options({"_target_": "strict_kw.net"}, (64,), 10).out_features == 10
 
 
 @requires("timm")

@@ -75,9 +75,9 @@ class PathEval:
 
     @classmethod
     def load(cls, path: str | FilePath) -> "PathEval":
-        import json
+        from modeconn.io.jsonfile import read_json
 
-        return cls.from_dict(json.loads(FilePath(path).read_text()))
+        return cls.from_dict(read_json(path, "path profile", dict))
 
     def to_csv(self) -> str:
         out = io.StringIO()

@@ -3,7 +3,8 @@
 A model config node is either a zoo node (``name: vgg`` plus the builder's options) or a *target* node
 (``_target_: torchvision.models.resnet18`` plus the callable's keyword arguments), built with
 ``hydra.utils.instantiate``. The run's data supplies ``num_classes`` and ``input_shape`` when the callable
-names them as parameters and the config does not set them. A module that is neither installed nor on the
+names them as parameters and the config does not set them, and ``num_classes`` also when it takes
+``**kwargs`` and accepts it there (torchvision's and timm's builders). A module that is neither installed nor on the
 path is looked up from the working directory too (``model._target_=my_pkg.nets.Net`` next to ``my_pkg/``).
 """
 from __future__ import annotations
@@ -101,10 +102,18 @@ def build_target(options: Mapping, input_shape: tuple[int, ...], num_classes: in
     target = options[TARGET]
     fn = locate(target)
     kw = target_kwargs(fn, options, input_shape, num_classes)
-    try:
-        model = instantiate({TARGET: target, **kw}, _convert_="all")
-    except (InstantiationException, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(_reason(e)) from None  # the caller names the model and its options
+    attempts = [kw]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(fn).values())
+    if takes_any and "num_classes" not in kw:  # torchvision's and timm's builders pass it on through **kwargs
+        attempts.insert(0, {**kw, "num_classes": int(num_classes)})
+    for i, args in enumerate(attempts):
+        try:
+            model = instantiate({TARGET: target, **args}, _convert_="all")
+            break
+        except (InstantiationException, TypeError, ValueError, RuntimeError) as e:
+            if i + 1 < len(attempts) and "num_classes" in _reason(e):
+                continue  # its **kwargs do not take num_classes after all: build it as configured
+            raise ValueError(_reason(e)) from None  # the caller names the model and its options
     if not isinstance(model, nn.Module):
         raise ValueError(f"model._target_ {target!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
