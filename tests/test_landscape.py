@@ -277,8 +277,10 @@ def test_the_cli_runs_pairs_as_jobs_and_a_rerun_redoes_nothing(tmp_path):
         a, b = pair.split("__")
         assert [os.path.basename(e["file"]) for e in summary["endpoints"]] == [f"{a}.pt", f"{b}.pt"]
     stamps = {f: f.stat().st_mtime_ns for f in out.glob("pairs/*/*.json")}
+    finished = _tree(out)
     again = cli(*TINY, f"hydra.run.dir={out}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stdout and _tree(out) == finished  # a finished landscape is not touched
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
     before = _tree(out)
     other = cli(*TINY, "trainer.epochs=3", f"hydra.run.dir={out}", cwd=tmp_path)

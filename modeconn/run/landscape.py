@@ -39,6 +39,9 @@ from modeconn.run.schema import check_values, conf_dir
 
 log = logging.getLogger("modeconn")
 
+FINISHED = "finished.json"  # written last: the exploration, its landscapes and report are complete
+
+
 def _defaults() -> dict:
     """The options' defaults: ``conf/landscape/default.yaml``."""
     return OmegaConf.to_container(OmegaConf.load(FilePath(conf_dir()) / "landscape" / "default.yaml"))
@@ -278,6 +281,9 @@ def explore_cli(args: list[str]) -> FilePath:
     device = resolve_device(cfg.device)
     with run_lock(out_dir):  # one driver per landscape directory (the pairs lock their own)
         data, model, files, settings, states, identity = _checked(cfg, full, opts, out_dir, device)
+        if (out_dir / FINISHED).exists():  # same settings (checked): no engine can propose another pair
+            print(f"modeconn: landscape {out_dir} already finished; report: {out_dir / 'report.md'}")
+            return out_dir
         _setup_log(out_dir)
         log.info("landscape in %s", out_dir)
         if states is None:
@@ -293,6 +299,7 @@ def explore_cli(args: list[str]) -> FilePath:
                   f"({trained:.1f} s training minima); {runrecord.describe(runrecord.provenance(device))}.", "",
                   "Command: `modeconn landscape " + " ".join(args) + "`"]
         report = write_report(out_dir, header, float(opts["threshold"]))
+        atomic_write_json(out_dir / FINISHED, {"pairs": ls.graph.number_of_edges(), "seconds": seconds})
     print(f"modeconn: landscape of {len(files)} minima in {seconds:.1f} s; report: {report}")
     return out_dir
 
