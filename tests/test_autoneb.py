@@ -3,6 +3,8 @@ the batched step against a one-pivot-at-a-time loop, a 2-D energy with a known s
 after an interrupt, and the option errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -322,6 +324,34 @@ def test_an_interrupted_run_resumes_at_its_cycle_bit_for_bit(mlp_pair, flat, tmp
     assert done.info["resumed_from"] == 3 and done.knots == whole.knots
     with pytest.raises(ValueError, match="belongs to a different run"):
         autoneb(nets.mlp([16])(), a, b, flat, resume=tmp_path / "cut.pt", **{**run, "seed": 4})
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda x: {**x, "cycles_done": 99}, "cycles_done is 99 but its history records 1 cycles"),
+    (lambda x: {**x, "weights": x["weights"][:-1]}, "weights is"),
+    (lambda x: {**x, "pivots": x["pivots"][:1]}, "not [at least 2 pivots"),
+], ids=["cycles-done", "weights", "one-pivot"])
+def test_the_cli_preflight_refuses_a_resume_file_whose_counts_disagree(edit, words, mlp_pair, flat, tmp_path):
+    """A resume file of the right shape whose counts cannot belong together is refused by name before the
+    CLI writes anything (not after Hydra has rewritten config.yaml)."""
+    from modeconn.io.jsonfile import UnreadableFileError
+    from modeconn.run.preflight import check_work_files
+
+    a, b = (m.state_dict() for m in mlp_pair)
+    file = tmp_path / "work" / "autoneb.pt"
+    file.parent.mkdir()
+
+    def stop(cycle, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        autoneb(nets.mlp([16])(), a, b, flat, cycles=CYCLES, batch_size=64, progress=False, resume=file,
+                callback=stop)
+    check_work_files(tmp_path, nets.mlp([16])())  # the real file passes
+    torch.save(edit(torch.load(file, weights_only=True)), file)
+    with pytest.raises(UnreadableFileError, match=re.escape(words)) as err:
+        check_work_files(tmp_path, nets.mlp([16])())
+    assert str(file) in str(err.value) and f"delete {file}" in str(err.value)
 
 
 def test_batchnorm_pivots_carry_parameters_only_and_evaluate(flat):
