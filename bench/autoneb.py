@@ -1,6 +1,6 @@
 """Benchmark: seconds per AutoNEB iteration, every interior pivot in one vmapped call vs one pivot at a time.
 
-One NEB iteration (redistribution, the interior pivots' train-mode loss and gradient on one shared batch,
+One NEB iteration (redistribution, the interior pivots' train-mode loss and gradient, each on its own batch,
 the endpoints' eval-mode losses, the improved tangent, the nudge, a plain descent step) is timed with the
 interior gradients from ``modeconn.paths.neb_step.ChainStep.interior`` (one ``vmap(grad_and_value)`` call,
 every pivot with the same dropout draws; a conv net on a CPU one pivot after another, since a vmapped
@@ -42,11 +42,11 @@ def iteration(step: ChainStep, interior: torch.Tensor, weights: torch.Tensor, x,
     first, last = step.flat_a.unsqueeze(0), step.flat_b.unsqueeze(0)
     interior = redistribute(torch.cat([first, interior, last]), weights)[1:-1]
     if batched:
-        loss, grad = step.interior(interior, x, y)
+        loss, grad = step.interior(interior, x[1:-1], y[1:-1])
     else:
-        pairs = [step.one(row, x, y) for row in interior]
+        pairs = [step.one(row, xi, yi) for row, xi, yi in zip(interior, x[1:-1], y[1:-1])]
         loss, grad = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    ends = step.endpoints(x, y)
+    ends = step.endpoints(x[[0, -1]], y[[0, -1]])
     with torch.no_grad():
         tau = tangents(torch.cat([first, interior, last]), torch.cat([ends[:1], loss, ends[1:]]))
         return interior - lr * nudge(grad + wd * interior, tau)
@@ -60,8 +60,9 @@ def _sync(device: torch.device) -> None:
 def measure(name: str, pivots: int, args, device: torch.device) -> dict:
     image, make = MODELS[name]
     ds = D.load("digits", image=image)
-    x, y = ds.x_train[: args.batch_size].to(device), ds.y_train[: args.batch_size].to(device)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # a batch per pivot (endpoints included), as autoneb draws them
+    idx = torch.stack([torch.randperm(len(ds.y_train))[: args.batch_size] for _ in range(pivots)])
+    x, y = ds.x_train[idx].to(device), ds.y_train[idx].to(device)
     model, a, b = make().to(device), make().state_dict(), make().state_dict()
     step = ChainStep(model, a, b, device)
     step.one_by_one = step.one_by_one and not args.force_vmap

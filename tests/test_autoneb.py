@@ -161,10 +161,10 @@ def test_one_vmapped_call_equals_a_loop_over_pivots(make, flat):
     step = ChainStep(model, a, b, flat[0].device)
     rows = torch.stack([torch.lerp(step.flat_a, step.flat_b, w) + 0.01 * torch.randn_like(step.flat_a)
                         for w in (0.2, 0.5, 0.8)])
-    x, y = flat[0][:64], flat[1][:64]
+    x, y = flat[0][:192].reshape(3, 64, -1), flat[1][:192].reshape(3, 64)  # a batch per pivot
     losses, grads = step.interior(rows, x, y)
     for i, row in enumerate(rows):
-        loss, grad = step.one(row, x, y)
+        loss, grad = step.one(row, x[i], y[i])
         assert torch.allclose(losses[i], loss, atol=1e-6)
         assert torch.allclose(grads[i], grad, atol=1e-6)
     assert model.training is False  # the caller's mode is left as it was
@@ -186,19 +186,42 @@ class _StochasticDepthNet(nn.Module):
 
 
 def test_pivots_share_their_random_draws_and_stochastic_depth_runs(flat):
-    """Common random numbers: identical pivots get identical losses and gradients under dropout and under
+    """Shared random draws: identical pivots on one batch get identical losses and gradients under dropout and under
     torchvision's StochasticDepth (an in-place draw vmap could not make per pivot)."""
     torch.manual_seed(0)
     for make in (lambda: nets.mlp([16])(), _StochasticDepthNet):
         a, b = make().state_dict(), make().state_dict()
         step = ChainStep(make(), a, b, flat[0].device)
         row = torch.lerp(step.flat_a, step.flat_b, 0.5)
-        losses, grads = step.interior(torch.stack([row, row, row]), flat[0][:64], flat[1][:64])
+        x, y = flat[0][:64].expand(3, 64, 64), flat[1][:64].expand(3, 64)  # the same batch: only the draws differ
+        losses, grads = step.interior(torch.stack([row, row, row]), x, y)
         assert torch.isfinite(losses).all() and torch.equal(losses[0], losses[2]) and torch.equal(grads[0], grads[2])
     a, b = _StochasticDepthNet().state_dict(), _StochasticDepthNet().state_dict()
     path = autoneb(_StochasticDepthNet(), a, b, (flat[0][:256], flat[1][:256]), batch_size=64, progress=False,
                    cycles=[{"insert": "equal(1)", "iterations": 3, "lr": 0.01}])
     assert len(path.knots) == 3 and torch.equal(path(1.0)["out.weight"], b["out.weight"])
+
+
+def test_every_pivot_draws_its_own_batch_in_chain_order(mlp_pair, flat, monkeypatch):
+    """As the reference: a batch per pivot, endpoints included, consecutive draws of one shuffled stream."""
+    from modeconn.paths import neb_step
+
+    seen = []
+    original = neb_step.ChainStep.interior
+    monkeypatch.setattr(neb_step.ChainStep, "interior",
+                        lambda self, rows, x, y: seen.append((len(rows), x.clone(), y.clone())) or original(self, rows, x, y))
+    a, b = (m.state_dict() for m in mlp_pair)
+    autoneb(nets.mlp([16])(), a, b, (flat[0][:256], flat[1][:256]), batch_size=32, progress=False,
+            cycles=[{"insert": "equal(2)", "iterations": 2, "lr": 0.01}])
+    (q, x0, y0), (_, x1, _) = seen
+    assert q == 2 and x0.shape == (2, 32, 64) and y0.shape == (2, 32)
+    assert not torch.equal(x0[0], x0[1]) and not torch.equal(x0[1], x1[0])
+    stream = neb_step.BatchStream(256, 32, torch.Generator().manual_seed(0))
+    again = neb_step.BatchStream(256, 32, torch.Generator().manual_seed(0))
+    xs, ys = stream.many(3, flat[0][:256], flat[1][:256])
+    for i in range(3):
+        xi, yi = again.next(flat[0][:256], flat[1][:256])
+        assert torch.equal(xs[i], xi) and torch.equal(ys[i], yi)
 
 
 def test_a_conv_net_on_a_cpu_goes_one_pivot_at_a_time_with_the_vmapped_numbers(flat):
@@ -210,6 +233,7 @@ def test_a_conv_net_on_a_cpu_goes_one_pivot_at_a_time_with_the_vmapped_numbers(f
     step = ChainStep(make(), a, b, torch.device("cpu"))
     rows = torch.stack([torch.lerp(step.flat_a, step.flat_b, w) for w in (0.3, 0.7)] * 2)  # pivots 0, 2 equal
     x, y = flat[0][:64].reshape(64, 1, 8, 8).cpu(), flat[1][:64].cpu()
+    x, y = torch.stack([x, x.flip(0), x, x.flip(0)]), torch.stack([y, y.flip(0), y, y.flip(0)])  # pivots 0, 2: one batch
     assert step.one_by_one
     torch.manual_seed(1)
     losses, grads = step.interior(rows, x, y)

@@ -135,11 +135,11 @@ def _run_iterations(step: ChainStep, chain: _Chain, cycle: Cycle, settings: dict
         with torch.no_grad():
             if spring is None:
                 interior.copy_(redistribute(torch.cat([first, interior, last]), weights)[1:-1])
-        x, y = stream.next(*train, augment)
-        loss, grad = step.interior(interior, x, y)
+        x, y = stream.many(q + 2, *train, augment)  # a batch per pivot, in chain order, endpoints included
+        loss, grad = step.interior(interior, x[1:-1], y[1:-1])
         with torch.no_grad():
             full = torch.cat([first, interior, last])
-            ends = step.endpoints(x, y)
+            ends = step.endpoints(x[[0, -1]], y[[0, -1]])
             tau = tangents(full, torch.cat([ends[:1], loss, ends[1:]]), rule)
             g = nudge(grad.add(interior, alpha=wd) if wd else grad, tau)
             if spring is not None:
@@ -207,8 +207,8 @@ def autoneb(
     ``equal(n)`` / ``highest(n[, threshold])`` / ``leave``, ``iterations``, ``lr``, ``optimizer``,
     ``momentum``, ``repeat``: :mod:`modeconn.paths.autoneb_cycles`); ``None`` is the paper's 14-cycle
     schedule; ``iterations_scale`` multiplies every cycle's iterations (a quick run keeps the structure).
-    An iteration draws one batch of ``batch_size`` shared by all pivots, computes every interior pivot's
-    train-mode loss and gradient in one vmapped call plus ``weight_decay * theta``, the endpoints' eval-mode
+    An iteration draws a batch of ``batch_size`` per pivot (endpoints included) from one stream, computes every
+    interior pivot's train-mode loss and gradient in one vmapped call plus ``weight_decay * theta``, the endpoints' eval-mode
     losses, the tangent (``"improved"``: Henkelman & Jonsson; ``"reference"``: Draxler et al.'s code), and
     steps the nudged gradient; ``spring=None`` redistributes the pivots (string method) before every
     iteration, a number is a spring constant. After every cycle the chain is evaluated densely (pivots and

@@ -2,14 +2,15 @@
 
 The pivots carry only the model's *parameters* (``named_parameters``), stacked as rows of one ``[Q, D]``
 tensor. :class:`ChainStep` runs ``torch.func.vmap(grad_and_value(...))`` of a ``functional_call`` over the
-rows: one call computes every interior pivot's train-mode loss and gradient on the iteration's batch.
-All pivots share one batch and one draw of every random op (dropout masks, stochastic depth:
-``randomness="same"``): common random numbers. The tangent compares neighbouring pivots' energies, and on
-one batch with one set of masks their differences are not swamped by the noise of independent draws (the
-reference draws a batch and masks per pivot); the expected gradient of every pivot is unchanged. It is
-also what vmap can batch for every model (a random op that draws in place into a new tensor, as
-torchvision's StochasticDepth does, cannot differ per pivot), and drawing the masks once instead of once per
-pivot halves a dropout MLP's iteration on a CPU. BatchNorm uses each pivot's own batch statistics (every
+rows: one call computes every interior pivot's train-mode loss and gradient, each on its own batch.
+Every pivot, the endpoints included, draws its own minibatch from one shared stream, as the reference does:
+with one batch shared by all pivots the chain's gradient noise is common to every pivot, and on Kuditipudi
+et al.'s conv net at lr 0.1 (momentum 0.9) half the seeds' first cycles ended above the straight line (max
+pivot loss 2.1-2.2 on one pair, against 0.6-0.9 with a batch per pivot; bench/autoneb_compare.py's pairs).
+Random ops (dropout masks, stochastic depth) are drawn once for all pivots (``randomness="same"``): what
+vmap can batch for every model (a random op that draws in place into a new tensor, as torchvision's
+StochasticDepth does, cannot differ per pivot), and drawing the masks once instead of once per pivot
+halves a dropout MLP's iteration on a CPU. BatchNorm uses each pivot's own batch statistics (every
 pivot gets its own copy of the buffers, discarded afterwards: running statistics are no path coordinates).
 The endpoints get an eval-mode loss only, with their own buffers.
 :class:`BatchStream` draws the shuffled batches, with a state to save and restore.
@@ -53,7 +54,7 @@ class ChainStep:
         self.ends_buffers = [{n: s[n].to(device) if n in s else v.to(device) for n, v in own.items()}
                              for s in (self.a, self.b)]
         self.buffers = {n: v.detach().clone().to(device) for n, v in own.items()}
-        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, None, None),
+        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0 if self.batchnorm else None, 0, 0),
                           randomness="same")
         # vmap over pivots turns a convolution into a grouped one, which a CPU runs about 2x slower than the
         # same convolutions one pivot at a time (bench/autoneb.py); a GPU batches them
@@ -78,15 +79,17 @@ class ChainStep:
         return F.cross_entropy(functional_call(self.model, (self.params(flat), buffers), (x,)), y)
 
     def interior(self, rows: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Train-mode losses ``[Q]`` and gradients ``[Q, D]`` of the pivots ``rows`` on the batch, in one call
-        (a convolutional model on a CPU: one pivot after another with the same random draws, see
-        :attr:`one_by_one`)."""
+        """Train-mode losses ``[Q]`` and gradients ``[Q, D]`` of the pivots ``rows``, pivot i on the batch
+        ``(x[i], y[i])`` (``x`` is ``[Q, batch, ...]``), in one call (a convolutional model on a CPU: one pivot
+        after another with the same random draws, see :attr:`one_by_one`)."""
+        if len(x) != len(rows) or len(y) != len(rows):
+            raise ValueError(f"interior: {len(rows)} pivots need as many batches, got {len(x)} inputs and {len(y)} targets")
         if self.one_by_one:
             state = torch.get_rng_state()
             out = []
-            for row in rows:  # every pivot starts from the same random state: the same draws, as vmap's "same"
+            for row, xi, yi in zip(rows, x, y):  # every pivot starts from the same random state: vmap's "same"
                 torch.set_rng_state(state)
-                out.append(self.one(row, x, y))
+                out.append(self.one(row, xi, yi))
             return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
         buffers = self.buffers
         if self.batchnorm:  # each pivot normalises by its own batch statistics; the updated copies are dropped
@@ -114,12 +117,13 @@ class ChainStep:
 
     @torch.no_grad()
     def endpoints(self, x: Tensor, y: Tensor) -> Tensor:
-        """Eval-mode losses ``[2]`` of the two endpoints on the batch (their own buffers)."""
+        """Eval-mode losses ``[2]`` of the two endpoints, endpoint j on the batch ``(x[j], y[j])`` (their own
+        buffers)."""
         was = self.model.training
         self.model.eval()
         try:
-            out = [F.cross_entropy(functional_call(self.model, (self.params(f), b), (x,)), y)
-                   for f, b in zip((self.flat_a, self.flat_b), self.ends_buffers)]
+            out = [F.cross_entropy(functional_call(self.model, (self.params(f), b), (xj,)), yj)
+                   for f, b, xj, yj in zip((self.flat_a, self.flat_b), self.ends_buffers, x, y)]
         finally:
             self.model.train(was)
         return torch.stack(out)
@@ -154,6 +158,11 @@ class BatchStream:
         idx = self.indices().to(x.device)
         xb, yb = x[idx], y[idx]
         return (augment_batch(xb, self.gen) if augment else xb), yb
+
+    def many(self, count: int, x: Tensor, y: Tensor, augment: bool = False) -> tuple[Tensor, Tensor]:
+        """``count`` consecutive batches, stacked: ``[count, batch, ...]`` inputs and ``[count, batch]`` targets."""
+        batches = [self.next(x, y, augment) for _ in range(count)]
+        return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
 
     def state(self) -> dict:
         return {"generator": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos}
