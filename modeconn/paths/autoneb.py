@@ -285,16 +285,30 @@ RESUME_SHAPE = {"identity": Required(dict), "cycles_done": Required(int), "pivot
                 "rng": Required(Tensor), "cuda_rng": (Tensor, type(None))}
 
 
+def chain_problem(saved: Mapping, width: int | None = None, cycles: int | None = None) -> str | None:
+    """What in a resume file of :data:`RESUME_SHAPE` cannot be a saved chain (of ``width`` parameters, of a
+    schedule of ``cycles`` cycles, where given), else ``None``. Also the CLI's preflight check."""
+    pivots, weights, done = saved["pivots"], saved["weights"], saved["cycles_done"]
+    if pivots.dim() != 2 or pivots.shape[0] < 2 or not pivots.is_floating_point():
+        return f"pivots is {list(pivots.shape)} {pivots.dtype}, not [at least 2 pivots, parameters] floats"
+    if width is not None and pivots.shape[1] != width:
+        return f"pivots is {list(pivots.shape)}, not [pivots, {width}] for the model's parameters"
+    if weights.dim() != 1 or weights.numel() != pivots.shape[0] - 1:
+        return f"weights is {list(weights.shape)}, not [{pivots.shape[0] - 1}] for {pivots.shape[0]} pivots"
+    if done < 0 or done != len(saved["history"]):
+        return f"cycles_done is {done} but its history records {len(saved['history'])} cycles"
+    if cycles is not None and done > cycles:
+        return f"{done} cycles done of a schedule of {cycles}"
+    return None
+
+
 def _restore(keeper: Resume, saved: dict, chain: _Chain, stream: BatchStream, cycles: int, dev: torch.device) -> int:
     """The chain and batch stream of a resume file (of this run's identity, :data:`RESUME_SHAPE`); returns the
     number of finished cycles. Tensors that do not fit the chain are one error naming the file."""
+    problem = chain_problem(saved, chain.pivots.shape[1], cycles)
+    if problem:
+        raise keeper.unusable(f"does not fit this chain ({problem})")
     pivots, weights, done = saved["pivots"], saved["weights"], saved["cycles_done"]
-    fits = (pivots.dim() == 2 and pivots.shape[0] >= 2 and pivots.shape[1] == chain.pivots.shape[1]
-            and pivots.is_floating_point() and weights.dim() == 1 and weights.numel() == pivots.shape[0] - 1
-            and 0 <= done <= cycles)
-    if not fits:
-        raise keeper.unusable(f"does not fit this chain (pivots {list(pivots.shape)}, weights {list(weights.shape)}, "
-                              f"{done} of {cycles} cycles done; the chain has {chain.pivots.shape[1]} parameters)")
     chain.pivots, chain.weights = pivots.to(device=dev, dtype=chain.pivots.dtype), weights.double()
     chain.profile, chain.history = saved.get("profile"), list(saved["history"])
     try:

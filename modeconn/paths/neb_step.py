@@ -5,8 +5,9 @@ tensor. :class:`ChainStep` runs ``torch.func.vmap(grad_and_value(...))`` of a ``
 rows: one call computes every interior pivot's train-mode loss and gradient, each on its own batch.
 Every pivot, the endpoints included, draws its own minibatch from one shared stream, as the reference does:
 with one batch shared by all pivots the chain's gradient noise is common to every pivot, and on Kuditipudi
-et al.'s conv net at lr 0.1 (momentum 0.9) half the seeds' first cycles ended above the straight line (max
-pivot loss 2.1-2.2 on one pair, against 0.6-0.9 with a batch per pivot; bench/autoneb_compare.py's pairs).
+et al.'s conv net at lr 0.1 (momentum 0.9) three of six seeds of one pair ended with a max pivot loss of
+0.19, 0.17 and 0.39 (the reference: 0.03-0.06); with a batch per pivot the same seeds end at 0.037, 0.125
+and 0.039 (bench/autoneb_compare.py's pair 1, its compact schedule at N = 10).
 Random ops (dropout masks, stochastic depth) are drawn once for all pivots (``randomness="same"``): what
 vmap can batch for every model (a random op that draws in place into a new tensor, as torchvision's
 StochasticDepth does, cannot differ per pivot), and drawing the masks once instead of once per pivot

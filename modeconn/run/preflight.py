@@ -128,18 +128,6 @@ def _scope(key: str) -> str:
     return "eval.max_items" if key == "eval.max_items" else "*"
 
 
-def _chain_values(saved: Mapping) -> str | None:
-    """What in an AutoNEB resume file of the right shape cannot be a saved chain (its counts disagree), else None."""
-    pivots, weights, done = saved["pivots"], saved["weights"], saved["cycles_done"]
-    if pivots.dim() != 2 or pivots.shape[0] < 2:
-        return f"pivots is {list(pivots.shape)}, not [at least 2 pivots, parameters]"
-    if weights.dim() != 1 or weights.numel() != pivots.shape[0] - 1:
-        return f"weights is {list(weights.shape)}, not [{pivots.shape[0] - 1}] for {pivots.shape[0]} pivots"
-    if done < 0 or done != len(saved["history"]):
-        return f"cycles_done is {done} but its history records {len(saved['history'])} cycles"
-    return None
-
-
 def _flat_width(saved: Mapping) -> tuple[str, Any] | None:
     """A curve's or AutoNEB chain's points as saved: (entry, tensor ``[points, parameters]``), else None."""
     state = saved.get("state")
@@ -155,7 +143,7 @@ def check_work_files(out_dir: FilePath, model: nn.Module | None = None) -> None:
     over), before anything is written."""
     from modeconn.io.checkpoint import read_meta, safe_load
     from modeconn.io.jsonfile import UnreadableFileError, check_shape
-    from modeconn.paths.autoneb import CHECKPOINT_FORMAT as AUTONEB_FORMAT, RESUME_SHAPE as AUTONEB_SHAPE
+    from modeconn.paths.autoneb import CHECKPOINT_FORMAT as AUTONEB_FORMAT, RESUME_SHAPE as AUTONEB_SHAPE, chain_problem
     from modeconn.training.loop import LOOP_SHAPE
 
     folders = [f for f in (out_dir / "work", out_dir / "figure2") if f.is_dir()]
@@ -169,7 +157,7 @@ def check_work_files(out_dir: FilePath, model: nn.Module | None = None) -> None:
             if flat is not None and not (flat[1].dim() == 2 and flat[1].shape[1] == width):
                 problem = f"{flat[0]} is {list(flat[1].shape)}, not [points, {width}] for the model's parameters"
             if not problem and saved["format"] == AUTONEB_FORMAT:
-                problem = _chain_values(saved)
+                problem = chain_problem(saved)
         elif isinstance(saved, Mapping) and all(torch.is_tensor(v) for v in saved.values()):
             problem = None  # a trained net's weights (its sidecar says whether it is finished)
         else:
