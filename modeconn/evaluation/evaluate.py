@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from modeconn.evaluation.barriers import barriers
 from modeconn.params.batchnorm import STATISTICS_BATCH, has_batchnorm
 from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json
+from modeconn.io.jsonfile import Required, UnreadableFileError, read_json
 from modeconn.params.checks import check_model_data, check_times
 from modeconn.data import Dataset, materialize, resolve_device
 from modeconn.params.path import Path
@@ -35,6 +36,14 @@ from modeconn.evaluation.stacked import (MIN_ROWS, StackedModel, batch_rows, bud
 SPLITS = ("train", "test")
 Stack = StackedModel | SequentialStack
 METRICS = ("loss", "error")
+
+
+_NUM = (int, float, type(None))
+#: what a path profile (``paths/<name>.json``, :meth:`PathEval.to_dict`) must hold to be read back
+PROFILE_SHAPE = {"name": Required(str), "ts": Required([(int, float)]), "metrics": Required({str: [_NUM]}),
+                 "steps": Required([(int, float)]), "knots": Required([(int, float)]), "labels": (list, type(None)),
+                 "segments": Required([int]), "bound": _NUM, "barriers": Required({str: {str: _NUM}}),
+                 "sizes": Required({str: int}), "seconds": Required((int, float)), "info": dict}
 
 
 @dataclass
@@ -75,9 +84,13 @@ class PathEval:
 
     @classmethod
     def load(cls, path: str | FilePath) -> "PathEval":
-        from modeconn.io.jsonfile import read_json
-
-        return cls.from_dict(read_json(path, "path profile", dict))
+        """A profile written by :meth:`save`; one :class:`UnreadableFileError` naming the file when it is not
+        JSON, nested too deeply or not of :data:`PROFILE_SHAPE`."""
+        doc = read_json(path, "path profile", PROFILE_SHAPE)
+        try:
+            return cls.from_dict(doc)
+        except (TypeError, ValueError) as e:  # an unknown key
+            raise UnreadableFileError(f"path profile {path} has the wrong shape ({e})") from None
 
     def to_csv(self) -> str:
         out = io.StringIO()

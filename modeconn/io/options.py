@@ -1,6 +1,6 @@
 """Option values and their errors, shared by every stage that reads a config: :class:`ConfigError` (the
-exit-2 error of the CLI; its message names the key), ``require``, ``check_kwargs``, ``option_error`` and
-``to_container``."""
+exit-2 error of the CLI; its message names the key), ``require``, ``check_kwargs``, ``option_error``,
+``to_container`` and ``dotted_keys``."""
 from __future__ import annotations
 
 import inspect
@@ -32,6 +32,18 @@ def check_kwargs(key: str, options: Mapping, fn: Callable, reserved: tuple[str, 
 
 def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg)
+
+
+def dotted_keys(node: Mapping, prefix: str = "") -> dict:
+    """Nested settings as dotted keys (``{"trainer.lr": 0.05, ...}``; an empty mapping stays one key), so a
+    refusal to reuse files made with other settings can name the key that changed."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping) and value:
+            out.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def option_error(key: str, error: ValueError, options: Collection[str]) -> ConfigError:

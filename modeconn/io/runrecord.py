@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from modeconn.io.jsonfile import read_json, read_yaml
-from modeconn.io.options import ConfigError, to_container
+from modeconn.io.options import ConfigError, dotted_keys, to_container
 
 PROVENANCE_FILE = "provenance.json"
 # Top-level keys not compared as config: progress and the override flag change no number; device and
@@ -69,13 +69,6 @@ def sha256(file: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _flat(node, prefix: str = "") -> dict:
-    """A nested config as dotted keys (``{"trainer.lr": 0.05, ...}``; an empty mapping stays one key)."""
-    if isinstance(node, Mapping) and node:
-        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
 
 
 def result_config(cfg) -> dict:
@@ -186,7 +179,7 @@ def check_existing(cfg: DictConfig, out_dir: Path, prov: Mapping) -> dict | None
     config_file = out_dir / "config.yaml"
     if config_file.exists():
         stored = read_yaml(config_file, "run config", hint="choose a new run directory")
-        old, new = _flat(result_config(stored)), _flat(result_config(cfg))
+        old, new = dotted_keys(result_config(stored)), dotted_keys(result_config(cfg))
         diffs = [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in {**new, **old} if old.get(k) != new.get(k)]
         if diffs:
             raise ConfigError(f"{out_dir} holds a finished run made with another config (first difference: "

@@ -24,7 +24,6 @@ from modeconn.io.jsonfile import Required, read_json
 from modeconn.params.checks import check_path_losses
 from modeconn.params.state import float_state
 from modeconn.paths.registry import PathContext, build_path
-from modeconn.reporting.figures import read_profile
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PAIRS = "pairs"
@@ -108,7 +107,7 @@ def path_labels(out_dir: str | FilePath, pairs: Sequence[tuple[str, str]]) -> li
 
 def load_profile(out_dir: str | FilePath, edge: Mapping) -> PathEval:
     """The :class:`PathEval` profile behind an edge record."""
-    return read_profile(FilePath(out_dir) / edge["path_file"])
+    return PathEval.load(FilePath(out_dir) / edge["path_file"])
 
 
 def run_pair(model: nn.Module, theta_a: Mapping, theta_b: Mapping, data, out_dir: str | FilePath, a: str, b: str, *,

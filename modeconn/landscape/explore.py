@@ -24,6 +24,7 @@ from torch import nn
 from modeconn.evaluation.evaluate import evaluate_path
 from modeconn.io.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
 from modeconn.io.jsonfile import Required, UnreadableFileError, read_json
+from modeconn.io.options import dotted_keys
 from modeconn.landscape.edges import (check_names, edge_records, is_finished, pair_dir, path_labels, run_pair)
 from modeconn.landscape.engines import Pair, check_engines, propose
 from modeconn.landscape.graph import Landscape
@@ -74,23 +75,12 @@ def _load_plan(out_dir: FilePath, settings: Mapping) -> dict:
     plan = _read_json(file, "plan", PLAN_SHAPE)
     if any(len(pair) != 2 for rnd in plan["rounds"] for pair in rnd["pairs"]):
         raise UnreadableFileError(f"landscape plan {file} has the wrong shape (a pair that is not two names)")
-    old, new = _flat(plan["settings"]), _flat(settings)
+    old, new = dotted_keys(plan["settings"]), dotted_keys(settings)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"landscape {out_dir} was explored with other settings ({', '.join(changed)} differ); "
                          "use the same settings to continue it, or choose a new out_dir")
     return plan
-
-
-def _flat(d: Mapping, prefix: str = "") -> dict:
-    """Nested settings as ``{"run.trainer.epochs": 2, ...}``, so a refusal names the key that changed."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _planned(plan: Mapping) -> list[Pair]:

@@ -18,9 +18,9 @@ from modeconn.reporting.plots import plot_paths
 from modeconn.reporting.plots_stability import plot_figure2
 from modeconn.stability.figure2 import RESULT_SHAPE, pool_figure2
 from modeconn.io.checkpoint import atomic_write_json
-from modeconn.io.jsonfile import Required, UnreadableFileError, read_json
+from modeconn.io.jsonfile import read_json
 
-__all__ = ["redraw", "mean_paths", "read_profile", "PROFILE_SHAPE"]
+__all__ = ["redraw", "mean_paths"]
 
 
 def _runs(dirs: Sequence[str | FilePath], marker: str) -> list[FilePath]:
@@ -33,31 +33,13 @@ def _runs(dirs: Sequence[str | FilePath], marker: str) -> list[FilePath]:
     return found
 
 
-_NUM = (int, float, type(None))
-#: what a path profile (``paths/<name>.json``, :meth:`PathEval.to_dict`) must hold to be read back
-PROFILE_SHAPE = {"name": Required(str), "ts": Required([(int, float)]), "metrics": Required({str: [_NUM]}),
-                 "steps": Required([(int, float)]), "knots": Required([(int, float)]), "labels": (list, type(None)),
-                 "segments": Required([int]), "bound": _NUM, "barriers": Required({str: {str: _NUM}}),
-                 "sizes": Required({str: int}), "seconds": Required((int, float)), "info": dict}
-
-
-def read_profile(file: str | FilePath) -> PathEval:
-    """A path profile written by :meth:`PathEval.save`; one :class:`UnreadableFileError` naming the file when it
-    is not JSON, nested too deeply or of another shape."""
-    doc = read_json(file, "path profile", PROFILE_SHAPE)
-    try:
-        return PathEval.from_dict(doc)
-    except (TypeError, ValueError) as e:  # an unknown key
-        raise UnreadableFileError(f"path profile {file} has the wrong shape ({e})") from None
-
-
 def mean_paths(runs: Sequence[FilePath]) -> tuple[list[PathEval], dict[str, dict[str, list[float]]]]:
     """Per path name, the mean PathEval over the runs (metrics interpolated onto the first run's ts) and
     the standard deviation of every metric per point."""
     groups: dict[str, list[PathEval]] = defaultdict(list)
     for run in runs:
         for file in sorted((run / "paths").glob("*.json")):
-            ev = read_profile(file)
+            ev = PathEval.load(file)
             groups[ev.name].append(ev)
     means, bands = [], {}
     for name, evs in groups.items():

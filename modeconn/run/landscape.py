@@ -24,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from modeconn.io import runrecord
 from modeconn.io.checkpoint import atomic_write_json, load_checkpoint
+from modeconn.evaluation.evaluate import PathEval
 from modeconn.io.jsonfile import UnreadableFileError
 from modeconn.landscape.edges import PAIRS, check_names, pair_name, read_pair
 from modeconn.landscape.engines import check_engines
 from modeconn.landscape.explore import MINIMA, check_settings, exploration_loop, minimum_losses, read_minima
 from modeconn.landscape.report import write_report
 from modeconn.params.state import float_state
-from modeconn.reporting.figures import read_profile
 from modeconn.run import memory
 from modeconn.run.config import ConfigError, require, to_container, validate
 from modeconn.run.lock import run_lock
@@ -224,7 +224,7 @@ def _check_existing(out_dir: FilePath, settings: dict, files: dict[str, str]) ->
                               "measured (sha256); its results are stale: choose a new hydra.run.dir")
     for summary in sorted((out_dir / PAIRS).glob("*/summary.json")):  # finished pairs: read back as they are
         for label in read_pair(summary.parent)["paths"]:
-            read_profile(summary.parent / "paths" / f"{label}.json")
+            PathEval.load(summary.parent / "paths" / f"{label}.json")
 
 
 def _provenance(cfg: DictConfig, device: torch.device) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from modeconn.io.options import ConfigError, to_container
 
-__all__ = ["available_bytes", "data_bytes", "grid_bytes", "curve_bytes", "model_parameters", "path_points",
+__all__ = ["available_bytes", "data_bytes", "grid_bytes", "model_parameters", "path_points",
            "check_data", "check_model", "check_run", "check_copies"]
 
 BYTES_PER_POINT = 512  # a grid point: its t, every metric, step, segment (Python floats) and its JSON/CSV rows
@@ -113,11 +113,6 @@ def data_bytes(data: Mapping) -> tuple[str, float, str] | None:
 def grid_bytes(num_points: int) -> float:
     """The evaluation grid's profile: ``BYTES_PER_POINT`` per point."""
     return float(num_points) * BYTES_PER_POINT
-
-
-def curve_bytes(num_bends: int, parameters: int) -> float:
-    """A trained curve: ``num_bends`` copies of the model's float32 parameters, ``CURVE_COPIES`` times over."""
-    return float(num_bends) * parameters * 4 * CURVE_COPIES
 
 
 def check_data(cfg) -> None:
