@@ -16,6 +16,7 @@ compare ratios measured in one process, not seconds across runs.
     python bench/autoneb.py                       # both models, CPU, torch's default threads
     python bench/autoneb.py --threads 2 --models mlp --pivots 9 31
     python bench/autoneb.py --device cuda
+    python bench/autoneb.py --models mlp --pivots 9 --parts   # where the time goes: interior step vs the rest
 """
 from __future__ import annotations
 
@@ -27,8 +28,7 @@ import torch
 
 from modeconn import data as D
 from modeconn import models
-from modeconn.paths.neb import nudge, redistribute, tangents
-from modeconn.paths.neb_step import ChainStep
+from modeconn.paths.neb_step import ChainStep, chain_force
 
 MODELS = {
     "mlp": (False, lambda: models.build("mlp", (64,), 10, hidden=[256, 256], dropout=0.5)),
@@ -36,20 +36,19 @@ MODELS = {
 }
 
 
-def iteration(step: ChainStep, interior: torch.Tensor, weights: torch.Tensor, x, y, batched: bool,
-              lr: float = 0.01, wd: float = 1e-4) -> torch.Tensor:
-    """One NEB iteration; returns the new interior pivots."""
-    first, last = step.flat_a.unsqueeze(0), step.flat_b.unsqueeze(0)
-    interior = redistribute(torch.cat([first, interior, last]), weights)[1:-1]
-    if batched:
-        loss, grad = step.interior(interior, x[1:-1], y[1:-1])
-    else:
-        pairs = [step.one(row, xi, yi) for row, xi, yi in zip(interior, x[1:-1], y[1:-1])]
-        loss, grad = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    ends = step.endpoints(x[[0, -1]], y[[0, -1]])
+def loop(step: ChainStep, rows: torch.Tensor, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interior pivots one at a time, as the reference runs them: plain autograd, each its own dropout draws."""
+    pairs = [step.one(row, xi, yi) for row, xi, yi in zip(rows, x, y)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def iteration(step: ChainStep, chain: torch.Tensor, weights: torch.Tensor, x, y, batched: bool,
+              lr: float = 0.01, wd: float = 1e-4) -> None:
+    """One NEB iteration (the library's :func:`chain_force`) and a plain descent step on ``chain``'s interior."""
+    _, force = chain_force(step, chain, weights, x, y, weight_decay=wd, spring=None, tangent="improved",
+                           interior=None if batched else (lambda rows, xs, ys: loop(step, rows, xs, ys)))
     with torch.no_grad():
-        tau = tangents(torch.cat([first, interior, last]), torch.cat([ends[:1], loss, ends[1:]]))
-        return interior - lr * nudge(grad + wd * interior, tau)
+        chain[1:-1].sub_(force, alpha=lr)
 
 
 def _sync(device: torch.device) -> None:
@@ -68,21 +67,53 @@ def measure(name: str, pivots: int, args, device: torch.device) -> dict:
     step.one_by_one = step.one_by_one and not args.force_vmap
     weights = torch.ones(pivots - 1, dtype=torch.float64)
     w = torch.linspace(0, 1, pivots, dtype=step.flat_a.dtype, device=device)[1:-1, None]
-    start = torch.lerp(step.flat_a.expand(pivots - 2, -1), step.flat_b.expand(pivots - 2, -1), w)
+    start = torch.cat([step.flat_a[None], torch.lerp(step.flat_a.expand(pivots - 2, -1),
+                                                     step.flat_b.expand(pivots - 2, -1), w), step.flat_b[None]])
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(args.rounds + 1):
         for batched in (True, False):
-            interior = start.clone()
+            chain = start.clone()
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(args.iterations):
-                interior = iteration(step, interior, weights, x, y, batched)
+                iteration(step, chain, weights, x, y, batched)
             _sync(device)
             if r > 0:  # round 0 warms up
                 times[batched].append((time.perf_counter() - t0) / args.iterations)
     ratios = [lo / ba for ba, lo in zip(times[True], times[False])]
-    return {"model": name, "pivots": pivots, "batched_s": statistics.median(times[True]),
-            "loop_s": statistics.median(times[False]), "ratio": statistics.median(ratios)}
+    out = {"model": name, "pivots": pivots, "batched_s": statistics.median(times[True]),
+           "loop_s": statistics.median(times[False]), "ratio": statistics.median(ratios)}
+    if args.parts:
+        out.update(parts(step, start, weights, x, y, args.rounds * args.iterations, device))
+    return out
+
+
+def parts(step: ChainStep, chain: torch.Tensor, weights: torch.Tensor, x, y, repeats: int,
+          device: torch.device) -> dict:
+    """Median seconds of the pieces of one iteration: the interior step batched and looped (the only part
+    batching changes), and the rest of ``chain_force`` (endpoints, geometry) with the interior given."""
+    rows = chain[1:-1]
+    done = step.interior(rows, x[1:-1], y[1:-1])
+
+    def given(*_):
+        return done[0], done[1].clone()
+
+    pieces = {"interior_batched_s": lambda: step.interior(rows, x[1:-1], y[1:-1]),
+              "interior_loop_s": lambda: loop(step, rows, x[1:-1], y[1:-1]),
+              "rest_s": lambda: chain_force(step, chain.clone(), weights, x, y, weight_decay=1e-4, spring=None,
+                                            tangent="improved", interior=given)}
+    out = {}
+    for key, fn in pieces.items():
+        fn()
+        seconds = []
+        for _ in range(max(3, repeats)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+        out[key] = statistics.median(seconds)
+    return out
 
 
 def main(argv=None) -> None:
@@ -95,6 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force-vmap", action="store_true", help="vmap the pivots of a conv net on a CPU too")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the interior step batched and looped, and the rest of the iteration")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +140,11 @@ def main(argv=None) -> None:
             r = measure(name, p, args, device)
             print(f"{r['model']:8} {r['pivots']:>6} {r['batched_s']:>13.4f} {r['loop_s']:>10.4f} {r['ratio']:>12.2f}x",
                   flush=True)
+            if args.parts:
+                ceiling = (r["interior_loop_s"] + r["rest_s"]) / (r["interior_batched_s"] + r["rest_s"])
+                print(f"{'':15} interior batched {r['interior_batched_s'] * 1e3:.1f} ms, looped "
+                      f"{r['interior_loop_s'] * 1e3:.1f} ms ({r['interior_loop_s'] / r['interior_batched_s']:.2f}x); "
+                      f"the rest {r['rest_s'] * 1e3:.1f} ms; ceiling of the ratio {ceiling:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

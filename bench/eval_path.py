@@ -14,8 +14,12 @@ test splits, three ways, in one process, on the same data:
   those point chunks forced (e.g. to measure stacked convolutions on a CPU, which evaluates them one
   point at a time by default).
 
-The process is a plain one (``--heap`` calls ``modeconn.io.heap.keep_freed_memory()`` first, as the CLI
-does). Each method is run once to warm up, then ``--repeats`` rounds interleave one run of each; the table gives the median and the best
+Each method runs in a fresh plain Python process of its own (``--heap`` calls
+``modeconn.io.heap.keep_freed_memory()`` first, as the CLI does), as in a user's script that runs only it: in
+one process the methods change each other's speed through the C heap (glibc raises its mmap threshold for
+good once a large block is freed, and a method that frees one made the user's conv-net loop after it 1.7x
+faster); ``--same-process`` interleaves them in one process instead (less drift, but that coupling). Each
+method is run once to warm up, then ``--repeats`` times; the table gives the median and the best
 wall-clock seconds (``time.perf_counter``, with a CUDA synchronisation on a GPU), the speed-up of the median
 over ``loop``, the same for the process CPU seconds (with ``--threads 1`` on a busy CPU these measure the
 work whatever else runs), and the largest absolute difference in train (and test) loss and error between the batched
@@ -84,6 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--suite", action="store_true",
                    help="run SUITE (every model kind against the loop, each in a fresh process) and print one table")
+    p.add_argument("--processes", type=int, default=1,
+                   help="fresh processes per method (their timed runs pooled; the spread shows the C heap's regimes)")
+    p.add_argument("--same-process", action="store_true",
+                   help="time the methods interleaved in this one process (default: each in a fresh process)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one method, in the child process
     return p.parse_args(argv)
 
 
@@ -195,6 +204,26 @@ def timed(fns: dict, repeats: int, dev: torch.device) -> tuple[dict, dict, dict]
     return seconds, cpu, out
 
 
+def isolated(keys: list[str], argv: list[str] | None, processes: int = 1) -> tuple[dict, dict, dict]:
+    """Every method timed in ``processes`` fresh Python processes of its own (this script with ``--only``, the
+    same options; the methods take turns): its seconds (all runs pooled), CPU seconds and last result by method."""
+    seconds, cpu, out = {k: [] for k in keys}, {k: [] for k in keys}, {}
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if "--json" in rest:
+        i = rest.index("--json")
+        rest = rest[:i] + rest[i + 2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(max(1, processes)):
+            for key in keys:
+                file = Path(tmp) / f"{key}.json"
+                subprocess.run([sys.executable, __file__, *rest, "--only", key, "--json", str(file)], check=True)
+                got = json.loads(file.read_text())
+                seconds[key] += got["seconds"]
+                cpu[key] += got["cpu_seconds"]
+                out[key] = got["metrics"]
+    return seconds, cpu, out
+
+
 def max_diff(a: dict, b: dict, key: str) -> float:
     return max(abs(x - y) for x, y in zip(a[key], b[key]))
 
@@ -207,8 +236,10 @@ def main(argv=None) -> dict:
     dev = D.resolve_device(args.device)
     ds = load_data(args, dev)
     n_params = sum(p.numel() for p in build(args, ds).parameters())
-    print(f"{D.describe(ds)}; model {args.model} ({n_params:,} parameters); device {dev}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; malloc thresholds raised: {heap}")
+    if args.only is None:
+        print(f"{D.describe(ds)}; model {args.model} ({n_params:,} parameters); device {dev}; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads; malloc thresholds raised: {heap}; "
+              + ("methods interleaved in this process" if args.same_process else "each method in a fresh process"))
 
     ends = []
     for seed in (0, 1):
@@ -218,8 +249,9 @@ def main(argv=None) -> dict:
             cfg = TrainConfig(epochs=args.epochs, lr=0.05, weight_decay=1e-4, batch_size=64, schedule="cosine",
                               device=str(dev))
             m = train(net, ds, cfg, seed=seed, progress=False)
-            print(f"endpoint seed {seed}: {args.epochs} epochs, train loss {m['train_loss']:.4f}, "
-                  f"test acc {m['test_acc']:.4f}")
+            if args.only is None:
+                print(f"endpoint seed {seed}: {args.epochs} epochs, train loss {m['train_loss']:.4f}, "
+                      f"test acc {m['test_acc']:.4f}")
         ends.append({k: v.detach().clone() for k, v in net.state_dict().items()})
     path = linear(ends[0], ends[1])  # the endpoints live on dev
     model = build(args, ds).to(dev).eval()
@@ -242,8 +274,18 @@ def main(argv=None) -> dict:
                      "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
                      "trained_epochs": 0 if args.no_train else args.epochs, "batchnorm": has_batchnorm(model),
-                     "bn_items": args.bn_items, "malloc_thresholds_raised": heap, "methods": {}}
-    all_seconds, all_cpu, metrics = timed({key: fn for _, key, fn in methods}, args.repeats, dev)
+                     "bn_items": args.bn_items, "malloc_thresholds_raised": heap,
+                     "processes": "one" if args.same_process else f"{args.processes} per method", "methods": {}}
+    if args.only is not None:  # the child of an isolated run: time this one method, hand back its numbers
+        fns = {key: fn for _, key, fn in methods if key == args.only}
+        seconds, cpu, out = timed(fns, args.repeats, dev)
+        child = {"seconds": seconds[args.only], "cpu_seconds": cpu[args.only], "metrics": out[args.only]}
+        Path(args.json).write_text(json.dumps(child) + "\n")
+        return child
+    if args.same_process:
+        all_seconds, all_cpu, metrics = timed({key: fn for _, key, fn in methods}, args.repeats, dev)
+    else:
+        all_seconds, all_cpu, metrics = isolated([key for _, key, _ in methods], argv, args.processes)
     for label, key, fn in methods:
         seconds, cpu = all_seconds[key], all_cpu[key]
         results["methods"][key] = {"label": label, "seconds": seconds, "median_s": statistics.median(seconds),
@@ -266,6 +308,9 @@ def main(argv=None) -> dict:
     for key, r in results["methods"].items():
         print(f"{r['label']:38s} {r['median_s']:9.3f} {r['best_s']:8.3f} {r['speedup_vs_loop']:8.2f}x "
               f"{r['median_cpu_s']:8.3f} {r['cpu_speedup_vs_loop']:11.2f}x")
+    if args.processes > 1 and not args.same_process:
+        for key, r in results["methods"].items():
+            print(f"{r['label']:38s} runs: " + ", ".join(f"{v:.3g}" for v in sorted(r["seconds"])))
     for name, d in diffs.items():
         print(f"max |diff| {name:26s} train loss {d['train_loss']:.2e}  test loss {d['test_loss']:.2e}  "
               f"train error {d['train_error']:.2e}  test error {d['test_error']:.2e}")

@@ -310,3 +310,22 @@ def test_plain_mlps_take_the_buffered_path_and_match_one_point_at_a_time_in_floa
             for key in fast.metrics:
                 torch.testing.assert_close(torch.tensor(fast.metrics[key]), torch.tensor(slow.metrics[key]),
                                            atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("limit", [1, 700, 10**9])  # a flush per point, every few points, once at the end
+def test_one_at_a_time_scores_queued_points_exactly_as_each_point_alone(limit, device, monkeypatch):
+    """The one-point mode scores the logits of many points in one call (ScoreQueue): whatever the queue's
+    size, every point's numbers are bit for bit those of the point scored alone, in the grid's order."""
+    from modeconn.evaluation import single
+    x, y = data(n=250)
+    path = linear(mlp(1).state_dict(), mlp(2).state_dict())
+    monkeypatch.setattr(single, "QUEUED_LOGITS", limit)
+    ev = evaluate_path(mlp(0), path, (x, y), (x[:70], y[:70]), num_points=7, batch_size=64, batched=False,
+                       progress=False, device=device)
+    point = mlp(0).to(device).eval()
+    xd, yd = x.to(device), y.to(device)
+    for i, t in enumerate(ev.ts):
+        point.load_state_dict(path.state_dict(t))
+        assert (ev.metrics["train_loss"][i], ev.metrics["train_error"][i]) == single.profile_point(point, xd, yd, 64)
+        alone = single.profile_point(point, xd[:70], yd[:70], 64)
+        assert (ev.metrics["test_loss"][i], ev.metrics["test_error"][i]) == alone

@@ -29,7 +29,7 @@ from modeconn.data import Dataset, materialize, resolve_device
 from modeconn.params.path import Path
 from modeconn.evaluation.scoring import score
 from modeconn.evaluation.sequential import SequentialStack, sequential_layers, sequential_plan
-from modeconn.evaluation.single import PointModel, profile_point
+from modeconn.evaluation.single import PointModel, ScoreQueue, profile_point
 from modeconn.evaluation.stacked import (MIN_ROWS, StackedModel, batch_rows, budgets, is_convolutional, point_chunk,
                                          segment_of, stackable, waypoints, widest_activation)
 
@@ -163,23 +163,23 @@ def _chunk_size(model: nn.Module, n_points: int, x: Tensor, bn_inputs: Tensor | 
     return point_chunk(n_points, sum(p.numel() for p in model.parameters()), widest, rows, device)
 
 
-def _evaluate_chunk(single: PointModel | None, stacked: Stack | None, ts: list[float], points: dict[str, Tensor],
-                    splits: dict[str, tuple[Tensor, Tensor]], bn_inputs: Tensor | None,
+def _evaluate_chunk(single: PointModel | None, stacked: Stack | None, queue: ScoreQueue, ts: list[float],
+                    points: dict[str, Tensor], splits: dict[str, tuple[Tensor, Tensor]], bn_inputs: Tensor | None,
                     rows_of) -> dict[str, list[float]]:
-    """Loss and error of every split at the points of one chunk: through ``stacked`` all together, or
-    (``stacked`` None, one point) the private copy ``single``. ``rows_of(n_items)``: examples a batch."""
-    out: dict[str, list[float]] = {}
+    """Loss and error of every split at the points of one chunk, through ``stacked`` all together; or
+    (``stacked`` None, one point) through the private copy ``single``, whose logits join ``queue``: then the
+    numbers of the queued points come back once it is full, else nothing yet (the queue is empty whenever a
+    stacked chunk runs: a chunk only ever shrinks to one point). ``rows_of(n_items)``: examples a batch."""
     if stacked is None:
         single.load({k: v[0] for k, v in points.items()}, bn_inputs)
-    else:
-        stacked.load(ts, points)
-        if bn_inputs is not None:
-            stacked.statistics(bn_inputs)
+        full = queue.add({split: single.logits(x, rows_of(len(x))) for split, (x, _) in splits.items()})
+        return queue.flush() if full else {}
+    out: dict[str, list[float]] = {}
+    stacked.load(ts, points)
+    if bn_inputs is not None:
+        stacked.statistics(bn_inputs)
     for split, (x, y) in splits.items():
-        if stacked is None:
-            loss, err = ([v] for v in single.profile(x, y, rows_of(len(x))))
-        else:
-            loss, err = (v.tolist() for v in _profile_batched(stacked, x, y, rows_of(len(x))))
+        loss, err = (v.tolist() for v in _profile_batched(stacked, x, y, rows_of(len(x))))
         out[f"{split}_loss"], out[f"{split}_error"] = loss, err
     return out
 
@@ -268,6 +268,7 @@ def evaluate_path(
     fetch = max(chunk, budgets(dev).parameters // max(1, n_params))  # points taken from the path at once
     single = PointModel(model, names) if chunk == 1 or make_stack is None else None
     stacked: Stack | None = None
+    queue = ScoreQueue(splits)
     known = _segment_steps(path, times, names)  # straight segments: from their lengths, not from the points
     steps: list[float] = []
     previous: dict[str, Tensor] | None = None
@@ -287,8 +288,8 @@ def evaluate_path(
             if chunk == 1 and single is None:
                 single = PointModel(model, names)
             try:
-                values = _evaluate_chunk(single, stacked if chunk > 1 else None, chunk_ts, points, splits, bn_inputs,
-                                         lambda n, c=len(chunk_ts): rows_of(n, c))
+                values = _evaluate_chunk(single, stacked if chunk > 1 else None, queue, chunk_ts, points, splits,
+                                         bn_inputs, lambda n, c=len(chunk_ts): rows_of(n, c))
             except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
                     raise
@@ -299,6 +300,8 @@ def evaluate_path(
                 metrics[key].extend(v)
             start += len(chunk_ts)
             bar.update(len(chunk_ts))
+    for key, v in queue.flush().items():
+        metrics[key].extend(v)
     bar.close()
     steps = [0.0] + (steps if known is None else known)
     segments = [segment_of(path.knots, t) for t in times]

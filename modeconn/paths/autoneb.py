@@ -28,8 +28,8 @@ from modeconn.io.jsonfile import Required
 from modeconn.params.path import PiecewiseLinearPath, check_endpoints
 from modeconn.paths.autoneb_cycles import (Cycle, dense_fractions, equal_insertions, expand_cycles,
                                            highest_insertions, insert_pivots, parse_rule)
-from modeconn.paths.neb import TANGENTS, nudge, redistribute, segment_lengths, spring_gradient, tangents
-from modeconn.paths.neb_step import BatchStream, ChainStep
+from modeconn.paths.neb import TANGENTS, segment_lengths
+from modeconn.paths.neb_step import BatchStream, ChainStep, chain_force
 from modeconn.training.loop import Resume, global_rng, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -124,27 +124,16 @@ def _run_iterations(step: ChainStep, chain: _Chain, cycle: Cycle, settings: dict
     if q == 0 or cycle.iterations == 0:
         bar.update(cycle.iterations)
         return torch.zeros(cycle.iterations, q)
-    first, last = chain.pivots[:1], chain.pivots[-1:]
-    interior = chain.pivots[1:-1].clone().requires_grad_(True)
+    full = chain.pivots.clone()  # the chain for this cycle: the optimiser steps its interior rows in place
+    interior = full[1:-1]
     opt = make_optimizer([interior], cycle.optimizer, cycle.lr, cycle.momentum)
     weights = chain.weights.to(interior.device)
     losses = torch.empty(cycle.iterations, q, dtype=interior.dtype, device=interior.device)
-    wd, spring, rule = settings["weight_decay"], settings["spring"], settings["tangent"]
+    options = {"weight_decay": settings["weight_decay"], "spring": settings["spring"], "tangent": settings["tangent"]}
     checked = 0
     for it in range(cycle.iterations):
-        with torch.no_grad():
-            if spring is None:
-                interior.copy_(redistribute(torch.cat([first, interior, last]), weights)[1:-1])
         x, y = stream.many(q + 2, *train, augment)  # a batch per pivot, in chain order, endpoints included
-        loss, grad = step.interior(interior, x[1:-1], y[1:-1])
-        with torch.no_grad():
-            full = torch.cat([first, interior, last])
-            ends = step.endpoints(x[[0, -1]], y[[0, -1]])
-            tau = tangents(full, torch.cat([ends[:1], loss, ends[1:]]), rule)
-            g = nudge(grad.add(interior, alpha=wd) if wd else grad, tau)
-            if spring is not None:
-                g = g + spring_gradient(full, tau, weights, spring)
-        interior.grad = g
+        loss, interior.grad = chain_force(step, full, weights, x, y, **options)
         opt.step()
         losses[it] = loss
         if (it + 1) % CHECK_EVERY == 0 or it + 1 == cycle.iterations:
@@ -152,7 +141,7 @@ def _run_iterations(step: ChainStep, chain: _Chain, cycle: Cycle, settings: dict
             checked = it + 1
             bar.set_postfix(cycle=number, pivots=q + 2, loss=f"{float(loss.max()):.4g}")
         bar.update(1)
-    chain.pivots = torch.cat([first, interior.detach(), last])
+    chain.pivots = full
     return losses
 
 

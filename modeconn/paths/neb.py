@@ -92,13 +92,22 @@ def redistribute(chain: Tensor, weights: Tensor) -> Tensor:
     """The chain's pivots moved along its own polyline so that segment lengths are proportional to
     ``weights`` (the string method's reparametrisation). The endpoints are kept bit for bit; every new
     pivot lies on the old polyline."""
+    interior = redistributed_interior(chain, weights)
+    if chain.shape[0] < 3:
+        return chain.clone()
+    return torch.cat([chain[:1], interior, chain[-1:]])
+
+
+def redistributed_interior(chain: Tensor, weights: Tensor) -> Tensor:
+    """The interior rows ``[P-2, D]`` of :func:`redistribute`'s chain (a new tensor; an AutoNEB iteration
+    writes them back into its chain in place instead of concatenating a new one)."""
     p = chain.shape[0]
     if weights.shape != (p - 1,):
         raise ValueError(f"a chain of {p} pivots needs {p - 1} spacing weights; got {tuple(weights.shape)}")
     lengths = segment_lengths(chain)
     total = lengths.sum()
     if p < 3 or float(total) == 0.0:
-        return chain.clone()
+        return chain[1:-1].clone()
     arc = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     w = weights.double()
     target = total * w.cumsum(0)[:-1] / w.sum()  # arc length of each interior pivot
@@ -108,4 +117,4 @@ def redistribute(chain: Tensor, weights: Tensor) -> Tensor:
     rows = torch.arange(p - 2, device=chain.device)
     mix[rows, seg.to(chain.device)] = 1 - frac.to(chain.device)
     mix[rows, seg.to(chain.device) + 1] += frac.to(chain.device)
-    return torch.cat([chain[:1], mix @ chain, chain[-1:]])
+    return mix @ chain

@@ -14,12 +14,14 @@ StochasticDepth does, cannot differ per pivot), and drawing the masks once inste
 halves a dropout MLP's iteration on a CPU. BatchNorm uses each pivot's own batch statistics (every
 pivot gets its own copy of the buffers, discarded afterwards: running statistics are no path coordinates).
 The endpoints get an eval-mode loss only, with their own buffers.
+:func:`chain_force` is the whole iteration but the optimiser's step, on a chain kept in one ``[P, D]`` tensor
+whose interior rows are updated in place (no new chain is concatenated per iteration).
 :class:`BatchStream` draws the shuffled batches, with a state to save and restore.
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from modeconn.data import augment_batch
 from modeconn.evaluation.stacked import is_convolutional
+from modeconn.paths.neb import nudge, redistributed_interior, spring_gradient, tangents
 from modeconn.params.batchnorm import has_batchnorm
 from modeconn.params.state import State, float_state
 
@@ -137,6 +140,32 @@ class ChainStep:
             if k not in out:
                 out[k] = torch.lerp(self.a[k], self.b[k], t)
         return {k: out[k] for k in self.a}
+
+
+Interior = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (rows, x, y) -> (losses, gradients)
+
+
+def chain_force(step: ChainStep, chain: Tensor, weights: Tensor, x: Tensor, y: Tensor, *, weight_decay: float,
+                spring: float | None, tangent: str, interior: Interior | None = None) -> tuple[Tensor, Tensor]:
+    """One NEB iteration's force on ``chain`` (``[P, D]``, the endpoints in rows 0 and P-1): with
+    ``spring=None`` its interior rows are first redistributed in place (the string method); then every
+    interior pivot's loss and gradient, pivot i on the batch ``(x[i], y[i])`` (``x``: ``[P, batch, ...]``,
+    endpoints included; ``interior`` replaces :meth:`ChainStep.interior`, e.g. by a loop over pivots),
+    plus ``weight_decay * theta``, nudged along the ``tangent`` rule's tangents (the endpoints' eval-mode
+    losses enter them), plus a finite ``spring``'s gradient. Returns the interior losses ``[P-2]`` and the
+    force ``[P-2, D]`` for the optimiser's step on ``chain[1:-1]``."""
+    rows = chain[1:-1]
+    if spring is None:
+        with torch.no_grad():
+            rows.copy_(redistributed_interior(chain, weights))
+    loss, grad = (interior or step.interior)(rows, x[1:-1], y[1:-1])
+    with torch.no_grad():
+        ends = step.endpoints(x[[0, -1]], y[[0, -1]])
+        tau = tangents(chain, torch.cat([ends[:1], loss, ends[1:]]), tangent)
+        force = nudge(grad.add(rows, alpha=weight_decay) if weight_decay else grad, tau)
+        if spring is not None:
+            force = force + spring_gradient(chain, tau, weights, spring)
+    return loss, force
 
 
 class BatchStream:
