@@ -47,7 +47,7 @@ step() {
 eval_path() {  # eval_path NAME SECONDS ARGS...: bench/eval_path.py on the GPU, results to $JSON/eval_NAME.json
     local name=$1 limit=$2
     shift 2
-    step "eval_$name" "$limit" python3 bench/eval_path.py --device cuda --json "$JSON/eval_$name.json" "$@"
+    step "eval_$name" "$limit" python3 bench/eval_path.py --device cuda --same-process --json "$JSON/eval_$name.json" "$@"
 }
 CIFAR=(--data synthetic --input-shape 3 32 32 --num-classes 10 --num-train 4096 --num-test 1024 --points 21 --epochs 1 --repeats 2)
 
