@@ -2,7 +2,7 @@
 
 Trains (or, with ``--no-train``, just initialises) two endpoints of a model, builds the straight path
 between them with ``modeconn.paths.linear`` and evaluates it at ``--points`` values of t on the train and
-test splits, three ways, in one process, on the same data:
+test splits, three ways, on the same data:
 
 * ``loop``: the ten-line loop a user writes without modeconn (:func:`loop_baseline`): for each t
   ``model.load_state_dict(path.state_dict(t))``, for BatchNorm models the running statistics reset and
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
     for seed in (0, 1):
         torch.manual_seed(seed)
         net = build(args, ds).to(dev)
-        if not args.no_train:
+        if not args.no_train and (args.same_process or args.only is not None):  # an isolated run's parent
             cfg = TrainConfig(epochs=args.epochs, lr=0.05, weight_decay=1e-4, batch_size=64, schedule="cosine",
                               device=str(dev))
             m = train(net, ds, cfg, seed=seed, progress=False)
