@@ -57,9 +57,13 @@ step env 30 bash -c 'nvidia-smi; python3 -c "import sys, torch; print(sys.versio
 # item, a few CUDA operations per item: the CIFAR-shaped splits are kept at 4096 + 1024)
 eval_path mlp 35
 eval_path mlp_bn 35 --model mlp_bn
-eval_path vgg16_bn 60 --model vgg16_bn --width 1 "${CIFAR[@]}"
-eval_path preresnet20 45 --model preresnet20 "${CIFAR[@]}"
-eval_path vgg11_bn 45 --model vgg11_bn --width 1 "${CIFAR[@]}"
+eval_path vgg16_bn 50 --model vgg16_bn --width 1 "${CIFAR[@]}"
+eval_path preresnet20 40 --model preresnet20 "${CIFAR[@]}"
+eval_path vgg11_bn 40 --model vgg11_bn --width 1 "${CIFAR[@]}"
+
+# AutoNEB: seconds per iteration, every interior pivot vmapped (conv nets too on a GPU) vs one at a time,
+# and where the time goes (issue 24's GPU numbers)
+step autoneb 20 python3 bench/autoneb.py --device cuda --rounds 2 --iterations 3 --parts
 
 # curve training: a curve epoch against a plain epoch of the same model, data and batch size
 step fit_curve 50 python3 bench/fit_curve.py --device cuda --json "$JSON/fit_curve.json"
