@@ -94,13 +94,14 @@ def parts(step: ChainStep, chain: torch.Tensor, weights: torch.Tensor, x, y, rep
     batching changes), and the rest of ``chain_force`` (endpoints, geometry) with the interior given."""
     rows = chain[1:-1]
     done = step.interior(rows, x[1:-1], y[1:-1])
+    scratch = chain.clone()  # chain_force redistributes its chain in place: never the caller's
 
-    def given(*_):
-        return done[0], done[1].clone()
+    def given(*_):  # chain_force reads the gradients, never writes them: no copy to time
+        return done
 
     pieces = {"interior_batched_s": lambda: step.interior(rows, x[1:-1], y[1:-1]),
               "interior_loop_s": lambda: loop(step, rows, x[1:-1], y[1:-1]),
-              "rest_s": lambda: chain_force(step, chain.clone(), weights, x, y, weight_decay=1e-4, spring=None,
+              "rest_s": lambda: chain_force(step, scratch, weights, x, y, weight_decay=1e-4, spring=None,
                                             tangent="improved", interior=given)}
     out = {}
     for key, fn in pieces.items():
